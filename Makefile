@@ -1,0 +1,55 @@
+# retina-compress: every target creates .venv and installs the project on first use.
+# Run targets pass ARGS through as Hydra overrides:
+#   make dr-distill ARGS="distill.temperature=2 trainer.max_epochs=5"
+#   make dr-distill ARGS="-m distill.temperature=2,4,8"
+
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+ARGS ?=
+MLFLOW_PORT ?= 5000
+PYTEST_FLAGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help venv dr-distill bench test test-full lint format mlflow-ui clean
+
+help: ## Show the targets
+	@awk 'BEGIN {FS = ":.*## "}; /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+$(INSTALLED): pyproject.toml
+	@echo ">> creating $(VENV) with $(PYTHON) and installing retina-compress (first use only)"
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $@
+
+venv: $(INSTALLED) ## Create .venv and install the project
+
+dr-distill: $(INSTALLED) ## Diabetic-retinopathy teacher -> student distillation (ARGS: Hydra overrides)
+	$(BIN)/python -m experiments.train_dr $(ARGS)
+
+bench: $(INSTALLED) ## CPU latency/size table: teacher, student, student+topology, full pipeline
+	$(BIN)/python -m experiments.bench $(ARGS)
+
+test: $(INSTALLED) ## Fast test suite (no slow tests), the CI command
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_FLAGS)
+
+test-full: $(INSTALLED) ## Every test, the slow training ones included
+	$(BIN)/python -m pytest $(PYTEST_FLAGS)
+
+lint: $(INSTALLED) ## ruff
+	$(BIN)/ruff check .
+
+format: $(INSTALLED) ## ruff --fix and format imports
+	$(BIN)/ruff check --fix .
+
+mlflow-ui: $(INSTALLED) ## Browse runs at http://127.0.0.1:$(MLFLOW_PORT) (the store in mlruns/)
+	@mkdir -p mlruns/artifacts
+	$(BIN)/mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlruns/mlflow.db}" \
+		--default-artifact-root "$(CURDIR)/mlruns/artifacts" --host 127.0.0.1 --port $(MLFLOW_PORT)
+
+clean: ## Remove caches and run outputs' scratch (never mlruns/ or checkpoints in outputs/)
+	rm -rf .cache .pytest_cache .ruff_cache build *.egg-info
+	find . -path ./.venv -prune -o -name __pycache__ -type d -exec rm -rf {} +

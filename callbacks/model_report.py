@@ -1,0 +1,78 @@
+"""Model report: parameters, MACs, weight-file size and CPU latency of the trained network."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from lightning import Callback, LightningModule, Trainer
+
+from lightning_modules.profiling import count_macs, count_parameters, measure_latency, model_latency
+
+log = logging.getLogger(__name__)
+
+
+class ModelReport(Callback):
+    """After testing, measure the deployable network on the CPU at batch 1 and log ``model/*``.
+
+    Expects ``pl_module.net`` (the plain network) and ``pl_module.example_inputs(batch)``. If the
+    datamodule has ``inference_inputs(path)`` and test image paths, the whole per-image path
+    (decode, preprocess, topological features, network) is timed as ``pipeline/latency_ms_*``.
+    The weights are saved to ``<weights_dir>/model.pt``, the file whose size is reported.
+    """
+
+    def __init__(self, latency_runs: int = 30, warmup_runs: int = 5, pipeline_runs: int = 10,
+                 weights_dir: str | None = None):
+        if latency_runs < 1 or pipeline_runs < 0 or warmup_runs < 0:
+            raise ValueError("latency_runs >= 1, warmup_runs >= 0, pipeline_runs >= 0")
+        self.latency_runs = latency_runs
+        self.warmup_runs = warmup_runs
+        self.pipeline_runs = pipeline_runs
+        self.weights_dir = weights_dir
+        self.report: dict[str, float] = {}
+
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        net = pl_module.net
+        batch = next(iter(trainer.test_dataloaders))
+        inputs = tuple(t.to("cpu") for t in pl_module.example_inputs(batch))
+        device = next(net.parameters()).device
+        net_cpu = net.to("cpu")
+        latency = model_latency(net_cpu, inputs, runs=self.latency_runs, warmup=self.warmup_runs)
+        report = {
+            "model/params": float(count_parameters(net_cpu)),
+            "model/macs": float(count_macs(net_cpu, inputs)),
+            "model/latency_ms_median": latency.median_ms,
+            "model/latency_ms_min": latency.min_ms,
+            "model/latency_ms_max": latency.max_ms,
+            "model/fps": latency.fps,
+            "model/threads": float(latency.threads),
+        }
+        if self.weights_dir:
+            path = Path(self.weights_dir) / "model.pt"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(net_cpu.state_dict(), path)
+            report["model/size_bytes"] = float(path.stat().st_size)
+        report |= self._pipeline_latency(trainer, net_cpu)
+        net.to(device)
+        self.report = report
+        for logger in trainer.loggers:
+            logger.log_metrics(report, step=trainer.global_step)
+        log.info("Model report: %s", {k: round(v, 3) for k, v in report.items()})
+
+    def _pipeline_latency(self, trainer: Trainer, net: torch.nn.Module) -> dict[str, float]:
+        datamodule = trainer.datamodule
+        dataset = getattr(datamodule, "datasets", {}).get("test")
+        if self.pipeline_runs == 0 or dataset is None or not hasattr(datamodule, "inference_inputs"):
+            return {}
+        source = dataset.paths[0]
+        net.eval()
+
+        def grade_one_file() -> torch.Tensor:
+            with torch.inference_mode():
+                inputs = datamodule.inference_inputs(source)
+                return net(*inputs) if getattr(net, "uses_topology", False) else net(inputs[0])
+
+        stats = measure_latency(grade_one_file, runs=self.pipeline_runs, warmup=1)
+        return {"pipeline/latency_ms_median": stats.median_ms, "pipeline/latency_ms_min": stats.min_ms,
+                "pipeline/latency_ms_max": stats.max_ms}

@@ -1,0 +1,309 @@
+"""Diabetic-retinopathy grading DataModule: APTOS 2019, EyePACS, or synthetic fundus photographs."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import albumentations as A
+import cv2
+import numpy as np
+import pandas as pd
+import torch
+from albumentations.pytorch import ToTensorV2
+from lightning import LightningDataModule
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+
+from datamodules.dr_index import NUM_GRADES, read_aptos_index, read_eyepacs_index, write_synthetic_dr_dataset
+from datamodules.errors import DataValidationError
+from datamodules.fundus import (
+    FundusPreprocessing,
+    PreprocessedImageCache,
+    atomic_save_npy,
+    read_rgb,
+    source_key,
+)
+from datamodules.splits import SPLITS, check_splits, stratified_group_split
+from datamodules.topology import (
+    PersistenceImager,
+    TopologyConfig,
+    image_diagrams,
+    pack_diagrams,
+    unpack_diagrams,
+)
+from lightning_modules.losses import class_counts, effective_number_weights, inverse_frequency_sample_weights
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+FORMATS = ("synthetic", "aptos", "eyepacs")
+SYNTHETIC_BANNER = (
+    "\n" + "!" * 78 + "\n"
+    "!!  USING SYNTHETIC FUNDUS IMAGES (no dataset given). Metrics say nothing about real   !!\n"
+    "!!  patients. Real data: data=aptos|eyepacs data.root=<folder>                         !!\n"
+    + "!" * 78
+)
+
+
+def training_transform(image_size: int) -> A.Compose:
+    """Flips, rotation +-20 deg, colour jitter 0.3, ImageNet normalisation."""
+    return A.Compose([
+        A.HorizontalFlip(p=0.5),
+        A.VerticalFlip(p=0.5),
+        A.Rotate(limit=20, border_mode=cv2.BORDER_CONSTANT, fill=0, p=0.7),
+        A.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.0, p=0.8),
+        A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD),
+        ToTensorV2(),
+    ])
+
+
+def evaluation_transform() -> A.Compose:
+    return A.Compose([A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD), ToTensorV2()])
+
+
+class FundusGradingDataset(Dataset):
+    """Preprocessed (cached) images + precomputed topological features + grades."""
+
+    def __init__(self, paths: list[str], labels: np.ndarray, topo_features: np.ndarray,
+                 cache: PreprocessedImageCache, transform: A.Compose):
+        self.paths = paths
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.topo_features = topo_features
+        self.cache = cache
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        image = self.cache.load(self.paths[index])
+        return {
+            "image": self.transform(image=image)["image"],
+            # Topology is computed on the un-augmented image: cubical persistence is invariant to the
+            # flips and 90-degree rotations used here and nearly so to small rotations.
+            "topo": torch.from_numpy(self.topo_features[index]),
+            "label": torch.tensor(self.labels[index]),
+            "index": torch.tensor(index),
+        }
+
+
+class DRDataModule(LightningDataModule):
+    """Reads, validates, splits (70/15/15, stratified, patient-grouped), caches and serves DR grading data.
+
+    Everything that can fail on bad input happens in ``setup`` before the first training step:
+    the label file is validated, every image is decoded once into the cache, and each split is
+    checked for all five grades.
+    """
+
+    def __init__(
+        self,
+        format: str = "synthetic",
+        root: str | None = None,
+        image_size: int = 224,
+        ben_graham: bool = False,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        seed: int = 0,
+        val_fraction: float = 0.15,
+        test_fraction: float = 0.15,
+        weighted_sampling: bool = True,
+        class_weight_beta: float = 0.999,
+        augment: bool = True,
+        use_topology: bool = True,
+        topo_resolution: int = 64,
+        topo_min_persistence: float = 0.02,
+        topo_image_resolution: int = 32,
+        topo_bandwidth_fraction: float = 0.05,
+        cache_dir: str = ".cache",
+        synthetic_num_images: int = 600,
+        synthetic_raw_size: int = 384,
+        synthetic_class_proportions: tuple[float, ...] = (0.4, 0.15, 0.2, 0.1, 0.15),
+        synthetic_seed: int = 0,
+    ):
+        super().__init__()
+        if format not in FORMATS:
+            raise ValueError(f"data.format={format!r}: choose one of {FORMATS}")
+        if format != "synthetic" and not root:
+            raise DataValidationError(f"data={format} needs data.root=<dataset folder>",
+                                      fix=f"run e.g. make dr-distill ARGS='data={format} data.root=/path/to/{format}'")
+        self.format = format
+        self.root = root
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
+        self.weighted_sampling = weighted_sampling
+        self.class_weight_beta = class_weight_beta
+        self.augment = augment
+        self.use_topology = use_topology
+        self.cache_dir = Path(cache_dir)
+        self.synthetic = dict(num_images=synthetic_num_images, raw_size=synthetic_raw_size,
+                              class_proportions=list(synthetic_class_proportions), seed=synthetic_seed)
+        self.preprocessing = FundusPreprocessing(image_size=image_size, ben_graham=ben_graham)
+        self.topology = TopologyConfig(resolution=topo_resolution, min_persistence=topo_min_persistence,
+                                       image_resolution=topo_image_resolution,
+                                       bandwidth_fraction=topo_bandwidth_fraction)
+        self.image_cache = PreprocessedImageCache(self.cache_dir, self.preprocessing)
+        self.index: pd.DataFrame | None = None
+        self.split_indices: dict[str, np.ndarray] = {}
+        self.imager: PersistenceImager | None = None
+        self.datasets: dict[str, FundusGradingDataset] = {}
+
+    # ----------------------------------------------------------------------------------- facts
+    @property
+    def num_classes(self) -> int:
+        return NUM_GRADES
+
+    @property
+    def topology_dim(self) -> int:
+        return self.topology.feature_dim if self.use_topology else 0
+
+    @property
+    def is_synthetic(self) -> bool:
+        return self.format == "synthetic"
+
+    @property
+    def dataset_root(self) -> Path:
+        if self.is_synthetic:
+            s = self.synthetic
+            name = f"n{s['num_images']}-s{s['raw_size']}-seed{s['seed']}"
+            return self.cache_dir / "synthetic_dr" / name
+        return Path(self.root).expanduser()
+
+    @property
+    def class_weights(self) -> list[float]:
+        """Effective-number weights from the training split's grade counts."""
+        counts = class_counts(self._labels("train"), NUM_GRADES)
+        return effective_number_weights(counts, self.class_weight_beta).tolist()
+
+    @property
+    def fingerprint(self) -> str:
+        """Short hash of (id, grade, file size) of every image: changes when the data does."""
+        self._require_setup()
+        digest = hashlib.sha256()
+        for row in self.index.sort_values("sample_id").itertuples():
+            digest.update(f"{row.sample_id}|{row.label}|{Path(row.path).stat().st_size}\n".encode())
+        return digest.hexdigest()[:16]
+
+    def split_table(self) -> pd.DataFrame:
+        """sample_id, patient, label, split, path: saved and logged with every run."""
+        self._require_setup()
+        table = self.index.copy()
+        table["split"] = ""
+        for name, indices in self.split_indices.items():
+            table.loc[indices, "split"] = name
+        return table[["sample_id", "patient", "label", "split", "path"]]
+
+    def majority_baseline_accuracy(self, split: str = "test") -> float:
+        """Accuracy of always predicting the training split's most frequent grade."""
+        majority = int(np.argmax(class_counts(self._labels("train"), NUM_GRADES)))
+        return float(np.mean(self._labels(split) == majority))
+
+    def _labels(self, split: str) -> np.ndarray:
+        self._require_setup()
+        return self.index["label"].to_numpy()[self.split_indices[split]]
+
+    def _require_setup(self) -> None:
+        if self.index is None:
+            raise RuntimeError("DRDataModule.setup() has not run yet")
+
+    # ----------------------------------------------------------------------------------- setup
+    def prepare_data(self) -> None:
+        if self.is_synthetic:
+            log.warning(SYNTHETIC_BANNER)
+            write_synthetic_dr_dataset(self.dataset_root, **self.synthetic)
+
+    def read_index(self) -> pd.DataFrame:
+        if self.format == "eyepacs":
+            return read_eyepacs_index(self.dataset_root)
+        return read_aptos_index(self.dataset_root)  # APTOS layout, also what the synthetic writer produces
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.index is not None:
+            return
+        if self.is_synthetic and not (self.dataset_root / "train.csv").is_file():
+            self.prepare_data()
+        index = self.read_index()
+        labels = index["label"].to_numpy()
+        groups = index["patient"].to_numpy()
+        splits = stratified_group_split(labels, groups, self.val_fraction, self.test_fraction, self.seed)
+        check_splits(labels, splits, NUM_GRADES)
+        paths = [Path(p) for p in index["path"]]
+        log.info("Decoding and caching %d images (first run only) under %s", len(paths), self.image_cache.root)
+        self.image_cache.warm(paths, num_threads=max(2, self.num_workers))
+        self.index, self.split_indices = index, splits
+        topo = self._topological_features(paths, splits["train"])
+        eval_tf = evaluation_transform()
+        train_tf = training_transform(self.preprocessing.image_size) if self.augment else eval_tf
+        for name in SPLITS:
+            idx = splits[name]
+            self.datasets[name] = FundusGradingDataset(
+                [str(paths[i]) for i in idx], labels[idx], topo[idx], self.image_cache,
+                train_tf if name == "train" else eval_tf,
+            )
+        counts = {name: class_counts(labels[idx], NUM_GRADES).tolist() for name, idx in splits.items()}
+        log.info("DR data (%s, %d images): images per grade %s; class weights %s", self.format, len(index),
+                 counts, np.round(self.class_weights, 3).tolist())
+
+    def _diagrams(self, path: Path) -> list[np.ndarray]:
+        """Persistence diagrams of one image, cached on disk next to its preprocessed image."""
+        key = source_key(path, self.preprocessing.key, self.topology.key)
+        entry = self.cache_dir / "topology" / self.topology.key / key[:2] / f"{key}.npy"
+        cached = None
+        if entry.is_file():
+            try:
+                cached = np.load(entry, allow_pickle=False)
+                if cached.ndim != 2 or cached.shape[1] != 3:
+                    cached = None
+            except (OSError, ValueError, EOFError):
+                cached = None
+        if cached is None:
+            cached = pack_diagrams(image_diagrams(self.image_cache.load(path), self.topology))
+            atomic_save_npy(entry, cached)
+        return unpack_diagrams(cached)
+
+    def _topological_features(self, paths: list[Path], train_indices: np.ndarray) -> np.ndarray:
+        if not self.use_topology:
+            return np.zeros((len(paths), 0), np.float32)
+        diagrams = [self._diagrams(p) for p in paths]
+        self.imager = PersistenceImager(self.topology).fit([diagrams[i] for i in train_indices])
+        return self.imager.transform(diagrams)
+
+    # ------------------------------------------------------------------------------ inference
+    def inference_inputs(self, path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
+        """The clinic's per-image path, uncached: decode, preprocess, topology, normalise -> batch of 1."""
+        image = self.preprocessing(read_rgb(path))
+        tensor = evaluation_transform()(image=image)["image"].unsqueeze(0)
+        if not self.use_topology:
+            return tensor, torch.zeros(1, 0)
+        features = self.imager.transform([image_diagrams(image, self.topology)])
+        return tensor, torch.from_numpy(features)
+
+    # ---------------------------------------------------------------------------- dataloaders
+    def _loader(self, split: str, shuffle: bool = False, sampler=None) -> DataLoader:
+        return DataLoader(
+            self.datasets[split], batch_size=self.batch_size, shuffle=shuffle and sampler is None,
+            sampler=sampler, num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+            drop_last=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        sampler = None
+        if self.weighted_sampling:
+            weights = inverse_frequency_sample_weights(self._labels("train"), NUM_GRADES)
+            generator = torch.Generator().manual_seed(self.seed)
+            sampler = WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double), len(weights),
+                                            replacement=True, generator=generator)
+        return self._loader("train", shuffle=True, sampler=sampler)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test")

@@ -1,0 +1,156 @@
+"""Glue shared by the Hydra entry points: run directories, resume, per-stage Trainer, MLflow context."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from experiments.tracking import (
+    RunState,
+    RunTracker,
+    default_artifact_root,
+    default_tracking_uri,
+    find_resumable_run,
+    flatten_params,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunContext:
+    """Where this invocation writes, what it has done, and its MLflow runs."""
+
+    cfg: DictConfig
+    project_root: Path
+    run_dir: Path
+    run_key: str
+    overrides: list[str]
+    state: RunState
+    tracker: RunTracker
+
+    @property
+    def resuming(self) -> bool:
+        return bool(self.cfg.resume)
+
+
+def hydra_run_info() -> tuple[Path, str, list[str]]:
+    """(output dir, override dirname, task overrides) of the current Hydra job."""
+    hydra_cfg = HydraConfig.get()
+    return Path(hydra_cfg.runtime.output_dir), hydra_cfg.job.override_dirname, list(hydra_cfg.overrides.task)
+
+
+def run_name(task_name: str, override_dirname: str) -> str:
+    """Experiment + overrides, e.g. ``dr-distill[distill.temperature=2]``: readable and never random."""
+    return f"{task_name}[{override_dirname}]" if override_dirname else task_name
+
+
+def create_context(cfg: DictConfig) -> RunContext:
+    project_root = Path(cfg.paths.root_dir).resolve()
+    output_dir, override_dirname, overrides = hydra_run_info()
+    run_key = override_dirname or "(defaults)"
+    run_dir = output_dir
+    if cfg.resume:
+        if isinstance(cfg.resume, str) and cfg.resume.lower() not in {"true", "1", "yes"}:
+            run_dir = Path(cfg.resume).resolve()
+            if not (run_dir / "run_state.json").is_file():
+                raise FileNotFoundError(f"resume={cfg.resume}: no run_state.json in {run_dir}")
+        else:
+            task_dir = Path(cfg.paths.output_root).resolve() / cfg.task_name
+            found = find_resumable_run(task_dir, run_key)
+            if found is None:
+                log.warning("resume=true: no unfinished %s run with overrides %s; starting a new one",
+                            cfg.task_name, run_key)
+            else:
+                run_dir = found
+                log.info("Resuming the run in %s", run_dir)
+    state = RunState.load_or_create(run_dir / "run_state.json", run_key)
+    tracking_uri = cfg.logger.tracking_uri or default_tracking_uri(project_root)
+    artifact_location = None if cfg.logger.tracking_uri else default_artifact_root(project_root)
+    if not cfg.logger.tracking_uri:
+        (project_root / "mlruns").mkdir(parents=True, exist_ok=True)
+    tracker = RunTracker(tracking_uri, cfg.logger.experiment_name, run_name(cfg.task_name, override_dirname),
+                         state, artifact_location)
+    return RunContext(cfg, project_root, run_dir, run_key, overrides, state, tracker)
+
+
+def save_resolved_config(cfg: DictConfig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, path, resolve=True)
+    return path
+
+
+def config_params(cfg: DictConfig) -> dict[str, str]:
+    """Flat params for MLflow (short values only: the full config is an artifact)."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+    container.pop("paths", None)
+    return flatten_params(container)
+
+
+def build_callbacks(callbacks_cfg: DictConfig, stage_dir: Path) -> list[Callback]:
+    """Instantiate the callbacks group; ``dirpath``/``weights_dir`` keys get this stage's folders."""
+    callbacks = []
+    for name, node in (callbacks_cfg or {}).items():
+        if node is None or "_target_" not in node:
+            continue
+        extra: dict[str, Any] = {}
+        if "dirpath" in node:
+            extra["dirpath"] = str(stage_dir / "checkpoints")
+        if "weights_dir" in node:
+            extra["weights_dir"] = str(stage_dir)
+        log.debug("callback %s", name)
+        callbacks.append(instantiate(node, **extra))
+    return callbacks
+
+
+def fit_and_test_stage(
+    ctx: RunContext,
+    stage: str,
+    module: L.LightningModule,
+    datamodule: L.LightningDataModule,
+    context_files: list[Path],
+    extra_tags: dict[str, str],
+) -> dict[str, Any]:
+    """Fit (resuming from ``last.ckpt`` where one exists), test the best checkpoint, record the result.
+
+    Returns ``{"checkpoint": path, "test": metrics, "report": model report, "best_val": score}``.
+    """
+    cfg = ctx.cfg
+    stage_dir = ctx.run_dir / stage
+    logger = ctx.tracker.child_logger(stage, extra_tags, log_model=bool(cfg.logger.log_model))
+    ctx.tracker.log_context(logger.run_id, config_params(cfg), context_files)
+    callbacks = build_callbacks(cfg.callbacks, stage_dir)
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger,
+                                     default_root_dir=str(stage_dir))
+    last = stage_dir / "checkpoints" / "last.ckpt"
+    resume_from = str(last) if ctx.resuming and last.is_file() else None
+    if resume_from:
+        log.info("Stage %s: continuing from %s", stage, resume_from)
+    ctx.state.stages[stage] = {"status": "running"}
+    ctx.state.save()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+
+    checkpoint = next((c for c in callbacks if isinstance(c, ModelCheckpoint)), None)
+    best = checkpoint.best_model_path if checkpoint is not None else ""
+    best_val = float(checkpoint.best_model_score) if checkpoint is not None and checkpoint.best_model_score is not None else None
+    if not best:
+        # fast_dev_run and runs without a checkpoint callback save nothing: keep the final weights.
+        best = str(stage_dir / "checkpoints" / "final.ckpt")
+        trainer.save_checkpoint(best)
+        trainer.test(module, datamodule=datamodule)
+    else:
+        trainer.test(module, datamodule=datamodule, ckpt_path=best)
+    report = next((c.report for c in callbacks if hasattr(c, "report")), {})
+    result = {"status": "done", "checkpoint": best, "best_val": best_val,
+              "test": dict(module.test_results), "report": dict(report)}
+    ctx.state.stages[stage] = result
+    ctx.state.save()
+    return result

@@ -1,0 +1,128 @@
+"""Hydra entry point of ``make dr-distill``: teacher fit -> student distillation -> test -> report.
+
+    python -m experiments.train_dr                                   # CPU defaults, synthetic data
+    python -m experiments.train_dr data=eyepacs data.root=/data/eyepacs
+    python -m experiments.train_dr -m distill.temperature=2,4,8      # a sweep
+    python -m experiments.train_dr resume=true                      # continue an interrupted run
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import hydra
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from datamodules.dr import DRDataModule
+from datamodules.errors import DataValidationError
+from experiments.runner import (
+    RunContext,
+    config_params,
+    create_context,
+    fit_and_test_stage,
+    save_resolved_config,
+)
+from experiments.tracking import standard_tags
+
+log = logging.getLogger(__name__)
+
+SUMMARY_METRICS = ("test/qwk", "test/acc", "test/f1_macro", "test/f1_weighted")
+
+
+def _stage_module(cfg: DictConfig, stage: str, dm: DRDataModule, teacher_checkpoint: str | None):
+    if stage == "teacher":
+        return instantiate(cfg.model.teacher, class_weights=dm.class_weights)
+    if stage == "student":
+        distill = OmegaConf.to_container(cfg.distill, resolve=True)
+        distill.pop("teacher_checkpoint", None)
+        return instantiate(cfg.model.student, class_weights=dm.class_weights, topo_features=dm.topology_dim,
+                           teacher_checkpoint=teacher_checkpoint, **distill)
+    raise ValueError(f"unknown stage {stage!r}: stages are 'teacher' and 'student'")
+
+
+def _summary(ctx: RunContext, dm: DRDataModule) -> dict[str, float]:
+    """Parent-run metrics: each stage's headline test metrics, its size and latency, and the baseline."""
+    summary = {"baseline/majority_acc": dm.majority_baseline_accuracy("test")}
+    for stage, result in ctx.state.stages.items():
+        for name in SUMMARY_METRICS:
+            if name in result.get("test", {}):
+                summary[f"{stage}/{name}"] = result["test"][name]
+        for name, value in result.get("report", {}).items():
+            summary[f"{stage}/{name}"] = value
+    return summary
+
+
+def run_dr_distill(cfg: DictConfig) -> float | None:
+    """Run the configured stages; returns the last stage's best validation QWK (for sweepers)."""
+    ctx = create_context(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+
+    dm: DRDataModule = instantiate(cfg.data)
+    dm.prepare_data()
+    dm.setup()  # validates every file and split before anything trains
+
+    config_file = save_resolved_config(cfg, ctx.run_dir / "config.yaml")
+    split_file = ctx.run_dir / "splits.csv"
+    dm.split_table().to_csv(split_file, index=False)
+    files = [config_file, split_file]
+    tags = standard_tags(ctx.project_root, ctx.overrides, dm.fingerprint, dm.is_synthetic)
+    parent = ctx.tracker.start_parent(tags)
+    ctx.tracker.log_context(parent, config_params(cfg), files)
+    log.info("MLflow run %s (%s) in experiment %s; outputs in %s", ctx.tracker.run_name, parent,
+             cfg.logger.experiment_name, ctx.run_dir)
+
+    stages = list(cfg.stages)
+    teacher_checkpoint = cfg.distill.teacher_checkpoint
+    if "student" in stages and "teacher" not in stages and teacher_checkpoint is None and cfg.distill.alpha_end > 0:
+        raise ValueError("stages=[student] with distillation needs distill.teacher_checkpoint=<teacher .ckpt>; "
+                         "or use distill=none (experiment=dr_student_only) to train the student alone")
+    status = "FAILED"
+    try:
+        result = None
+        for stage in stages:
+            if ctx.state.stage_done(stage):
+                log.info("Stage %s already finished in %s: skipping it", stage, ctx.run_dir)
+                result = ctx.state.stages[stage]
+            else:
+                module = _stage_module(cfg, stage, dm, teacher_checkpoint)
+                result = fit_and_test_stage(ctx, stage, module, dm, files, tags)
+            if stage == "teacher":
+                teacher_checkpoint = result["checkpoint"]
+        summary = _summary(ctx, dm)
+        ctx.tracker.log_metrics(parent, summary)
+        ctx.state.complete = True
+        ctx.state.save()
+        status = "FINISHED"
+        _print_summary(summary)
+        return None if result is None else result.get("best_val")
+    except KeyboardInterrupt:
+        status = "KILLED"
+        log.warning("Interrupted: rerun with resume=true to continue from the last checkpoint")
+        raise
+    finally:
+        ctx.tracker.finish(status)
+
+
+def _print_summary(summary: dict[str, float]) -> None:
+    lines = ["", "Result (test split):"]
+    lines += [f"  {name:<40} {value:.4f}" for name, value in sorted(summary.items())]
+    log.info("\n".join(lines))
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train_dr")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        return run_dr_distill(cfg)
+    except DataValidationError as error:
+        log.error("Data problem, nothing was trained:\n%s", error)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,247 @@
+"""DR grading LightningModules: a teacher, and a student distilled from it (or trained alone).
+
+The networks live in ``lightning_modules.nets``; the losses in ``lightning_modules.losses``. These
+classes only wire them to Lightning: optimiser, schedule, metrics and logging.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning import LightningModule
+from torch import Tensor, nn
+
+from lightning_modules.losses import consistency_loss, distillation_loss, linear_alpha
+from lightning_modules.metrics import confusion_matrix_metric, flatten_metrics, grading_metrics
+from lightning_modules.nets.backbones import create_backbone
+from lightning_modules.nets.student import TopoFusionNet, build_student_net
+
+log = logging.getLogger(__name__)
+
+
+class GradingModule(LightningModule):
+    """Shared plumbing: AdamW + OneCycleLR, val/test metrics under stable names, test confusion matrix."""
+
+    #: set by subclasses: the plain nn.Module that is deployed (measured, exported)
+    net: nn.Module
+
+    def __init__(self, num_classes: int, lr: float, weight_decay: float, pct_start: float,
+                 class_weights: list[float] | None):
+        super().__init__()
+        self.num_classes = num_classes
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.pct_start = pct_start
+        weights = torch.as_tensor(class_weights, dtype=torch.float32) if class_weights else None
+        self.register_buffer("class_weights", weights, persistent=False)
+        self.val_metrics = grading_metrics(num_classes, per_class=False)
+        self.test_metrics = grading_metrics(num_classes, per_class=True)
+        self.test_confusion = confusion_matrix_metric(num_classes)
+        self.test_confusion_matrix: np.ndarray | None = None
+        self.test_results: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ what subclasses provide
+    def logits(self, batch: dict[str, Tensor]) -> Tensor:
+        raise NotImplementedError
+
+    def example_inputs(self, batch: dict[str, Tensor]) -> tuple[Tensor, ...]:
+        """Inputs of ``self.net`` for the first item of a batch (model report, export)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------------ evaluation
+    def _evaluate(self, batch: dict[str, Tensor], metrics, prefix: str) -> Tensor:
+        logits = self.logits(batch)
+        loss = F.cross_entropy(logits, batch["label"])
+        probabilities = logits.softmax(dim=1)
+        metrics.update(probabilities, batch["label"])
+        self.log(f"{prefix}/loss", loss, prog_bar=False, batch_size=len(logits))
+        return probabilities
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, self.val_metrics, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        results = flatten_metrics(self.val_metrics.compute(), "val")
+        self.val_metrics.reset()
+        qwk = results.pop("val/qwk")
+        self.log_dict(results)
+        self.log("val/qwk", qwk, prog_bar=True)
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        probabilities = self._evaluate(batch, self.test_metrics, "test")
+        self.test_confusion.update(probabilities.argmax(dim=1), batch["label"])
+
+    def on_test_epoch_end(self) -> None:
+        self.test_results = flatten_metrics(self.test_metrics.compute(), "test")
+        self.test_metrics.reset()
+        self.test_confusion_matrix = self.test_confusion.compute().cpu().numpy()
+        self.test_confusion.reset()
+        self.log_dict(self.test_results)
+
+    # ------------------------------------------------------------------------------ optimiser
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self.trainable_parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=self.lr, total_steps=max(int(self.trainer.estimated_stepping_batches), 1),
+            pct_start=self.pct_start,
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def trainable_parameters(self):
+        return self.net.parameters()
+
+
+class TeacherClassifier(GradingModule):
+    """A timm backbone trained with label-smoothed, class-weighted cross-entropy."""
+
+    def __init__(
+        self,
+        backbone: str = "tf_efficientnet_lite2",
+        pretrained: str = "lite",
+        pretrained_path: str | None = None,
+        num_classes: int = 5,
+        drop_rate: float = 0.3,
+        label_smoothing: float = 0.1,
+        class_weights: list[float] | None = None,
+        lr: float = 1e-3,
+        weight_decay: float = 0.01,
+        pct_start: float = 0.3,
+    ):
+        super().__init__(num_classes, lr, weight_decay, pct_start, class_weights)
+        self.save_hyperparameters()
+        self.net = create_backbone(backbone, pretrained=pretrained, pretrained_path=pretrained_path,
+                                   num_classes=num_classes, drop_rate=drop_rate)
+        log.info("Teacher %s: %s", backbone, getattr(self.net, "pretrained_report", f"pretrained={pretrained}"))
+        self.label_smoothing = label_smoothing
+
+    def forward(self, image: Tensor) -> Tensor:
+        return self.net(image)
+
+    def logits(self, batch: dict[str, Tensor]) -> Tensor:
+        return self.net(batch["image"])
+
+    def example_inputs(self, batch: dict[str, Tensor]) -> tuple[Tensor, ...]:
+        return (batch["image"][:1],)
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        loss = F.cross_entropy(self.logits(batch), batch["label"], weight=self.class_weights,
+                               label_smoothing=self.label_smoothing)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["label"]))
+        return loss
+
+
+class StudentDistiller(GradingModule):
+    """The CBAM + topology student, trained with KD from a frozen teacher plus rotation consistency.
+
+    ``teacher_checkpoint=None`` (or ``alpha_start = alpha_end = 0``) trains the same student without a
+    teacher: the ablation that measures the distillation gain.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "tf_efficientnet_lite0",
+        pretrained: str = "lite",
+        pretrained_path: str | None = None,
+        num_classes: int = 5,
+        topo_features: int = 2048,
+        topo_hidden: int = 256,
+        topo_embedding: int = 64,
+        cbam_rd_ratio: float = 1 / 16,
+        head_dropout: float = 0.5,
+        drop_rate: float = 0.2,
+        teacher_checkpoint: str | None = None,
+        temperature: float = 4.0,
+        alpha_start: float = 0.2,
+        alpha_end: float = 0.8,
+        consistency_weight: float = 0.5,
+        label_smoothing: float = 0.0,
+        class_weights: list[float] | None = None,
+        lr: float = 1e-3,
+        weight_decay: float = 0.01,
+        pct_start: float = 0.3,
+    ):
+        super().__init__(num_classes, lr, weight_decay, pct_start, class_weights)
+        self.save_hyperparameters()
+        self.net: TopoFusionNet = build_student_net(
+            backbone, pretrained, pretrained_path, num_classes, topo_features, topo_hidden, topo_embedding,
+            cbam_rd_ratio, head_dropout, drop_rate,
+        )
+        log.info("Student %s: %s", backbone, getattr(self.net.backbone, "pretrained_report", pretrained))
+        self.temperature = temperature
+        self.alpha_start, self.alpha_end = alpha_start, alpha_end
+        self.consistency_weight = consistency_weight
+        self.label_smoothing = label_smoothing
+        self.teacher = self._load_teacher(teacher_checkpoint) if self.distills(teacher_checkpoint) else None
+
+    def distills(self, teacher_checkpoint: str | None) -> bool:
+        return teacher_checkpoint is not None and (self.alpha_start > 0 or self.alpha_end > 0)
+
+    @staticmethod
+    def _load_teacher(path: str) -> nn.Module:
+        # pretrained="none": the checkpoint holds the trained weights; never reach for a hub here.
+        teacher = TeacherClassifier.load_from_checkpoint(path, map_location="cpu", pretrained="none",
+                                                         pretrained_path=None).net
+        teacher.eval()
+        teacher.requires_grad_(False)
+        return teacher
+
+    # The teacher is frozen and lives in its own checkpoint: keep it out of the student's files,
+    # and put it back before a checkpoint's state dict is loaded so strict loading still checks
+    # every student key.
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.teacher is not None:
+            checkpoint["state_dict"].update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()  # dropout/BN statistics of the teacher must not change while distilling
+        return self
+
+    def forward(self, image: Tensor, topo: Tensor | None = None) -> Tensor:
+        return self.net(image, topo)
+
+    def logits(self, batch: dict[str, Tensor]) -> Tensor:
+        return self.net(batch["image"], batch["topo"])
+
+    def example_inputs(self, batch: dict[str, Tensor]) -> tuple[Tensor, ...]:
+        if self.net.uses_topology:
+            return batch["image"][:1], batch["topo"][:1]
+        return (batch["image"][:1],)
+
+    @property
+    def alpha(self) -> float:
+        if self.teacher is None:
+            return 0.0
+        return linear_alpha(self.current_epoch, self.trainer.max_epochs, self.alpha_start, self.alpha_end)
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        image, topo, target = batch["image"], batch["topo"], batch["label"]
+        # Both views in one forward pass: one backbone call instead of two on a 2-core CPU.
+        # Persistent homology is invariant to 90-degree rotation, so the rotated view keeps its features.
+        rotated = torch.rot90(image, k=1, dims=(2, 3))
+        both = self.net(torch.cat([image, rotated]), torch.cat([topo, topo]) if self.net.uses_topology else None)
+        logits, logits_rotated = both.chunk(2)
+        alpha = self.alpha
+        if self.teacher is not None:
+            with torch.no_grad():
+                teacher_logits = self.teacher(image)
+            loss, kd, ce = distillation_loss(logits, teacher_logits, target, temperature=self.temperature,
+                                             alpha=alpha, class_weights=self.class_weights,
+                                             label_smoothing=self.label_smoothing)
+            self.log("train/kd", kd, batch_size=len(target))
+        else:
+            ce = F.cross_entropy(logits, target, weight=self.class_weights, label_smoothing=self.label_smoothing)
+            loss = ce
+        consistency = consistency_loss(logits, logits_rotated)
+        loss = loss + self.consistency_weight * consistency
+        self.log_dict({"train/ce": ce, "train/consistency": consistency, "train/alpha": alpha},
+                      batch_size=len(target))
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(target))
+        return loss

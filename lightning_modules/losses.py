@@ -1,0 +1,79 @@
+"""Loss functions and class-balance weights: pure functions, testable without a Trainer."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def class_counts(labels: Sequence[int] | np.ndarray, num_classes: int) -> np.ndarray:
+    return np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes)
+
+
+def effective_number_weights(counts: Sequence[int] | np.ndarray, beta: float = 0.999) -> np.ndarray:
+    """Class-balanced weights (1 - beta) / (1 - beta^n_c) of Cui et al. (CVPR 2019), normalised to mean 1.
+
+    beta -> 0 gives uniform weights, beta -> 1 inverse frequency. A class with no samples gets
+    weight 0 (it cannot contribute to the loss anyway) instead of a division by zero.
+    """
+    if not 0 <= beta < 1:
+        raise ValueError(f"beta must be in [0, 1), got {beta}")
+    counts = np.asarray(counts, dtype=np.float64)
+    effective = 1.0 - np.power(beta, counts)
+    weights = np.where(counts > 0, (1.0 - beta) / np.where(effective > 0, effective, 1.0), 0.0)
+    present = counts > 0
+    weights[present] *= present.sum() / weights[present].sum()
+    return weights
+
+
+def inverse_frequency_sample_weights(labels: Sequence[int] | np.ndarray, num_classes: int) -> np.ndarray:
+    """Per-sample weights w_i = N / n_{y_i} for a WeightedRandomSampler: every class drawn equally often."""
+    labels = np.asarray(labels, dtype=np.int64)
+    counts = class_counts(labels, num_classes)
+    return len(labels) / counts[labels].astype(np.float64)
+
+
+def kd_kl_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    """tau^2 * KL(softmax(T/tau) || softmax(S/tau)), averaged over the batch (Hinton et al., 2015).
+
+    The tau^2 factor keeps the gradient scale of the soft term independent of tau.
+    """
+    log_student = F.log_softmax(student_logits / temperature, dim=1)
+    log_teacher = F.log_softmax(teacher_logits / temperature, dim=1)
+    return F.kl_div(log_student, log_teacher, log_target=True, reduction="batchmean") * temperature**2
+
+
+def linear_alpha(epoch: int, max_epochs: int, start: float, end: float) -> float:
+    """Distillation weight rising linearly from ``start`` (first epoch) to ``end`` (last epoch)."""
+    if max_epochs <= 1:
+        return float(end)
+    progress = min(max(epoch / (max_epochs - 1), 0.0), 1.0)
+    return float(start + (end - start) * progress)
+
+
+def distillation_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    targets: Tensor,
+    *,
+    temperature: float,
+    alpha: float,
+    class_weights: Tensor | None = None,
+    label_smoothing: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """L = alpha * tau^2 * KL(teacher || student) + (1 - alpha) * CE(student, y); returns (L, KD, CE)."""
+    kd = kd_kl_loss(student_logits, teacher_logits, temperature)
+    ce = F.cross_entropy(student_logits, targets, weight=class_weights, label_smoothing=label_smoothing)
+    return alpha * kd + (1.0 - alpha) * ce, kd, ce
+
+
+def consistency_loss(logits: Tensor, logits_transformed: Tensor) -> Tensor:
+    """Mean squared difference of class probabilities on x and on a transformed x (Laine & Aila's Pi-model).
+
+    A squared error on probabilities, not a KL, stays bounded when one view is confidently
+    wrong early in training, so it cannot swamp the supervised term.
+    """
+    return F.mse_loss(F.softmax(logits, dim=1), F.softmax(logits_transformed, dim=1))

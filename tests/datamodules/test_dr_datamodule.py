@@ -1,0 +1,89 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from datamodules.dr import DRDataModule
+from datamodules.errors import DataValidationError
+
+
+def make_dm(root: Path, tmp_path: Path, fmt: str = "aptos", **overrides) -> DRDataModule:
+    params = dict(format=fmt, root=str(root), image_size=64, batch_size=8, cache_dir=str(tmp_path / "cache"),
+                  topo_resolution=32, topo_image_resolution=8, seed=0)
+    return DRDataModule(**(params | overrides))
+
+
+def test_setup_splits_caches_and_serves_batches(aptos_root: Path, tmp_path: Path):
+    dm = make_dm(aptos_root, tmp_path)
+    dm.setup()
+    sizes = {k: len(v) for k, v in dm.datasets.items()}
+    assert sum(sizes.values()) == 40 and sizes["train"] > sizes["val"] > 0
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["image"].shape == (8, 3, 64, 64) and batch["image"].dtype == torch.float32
+    assert batch["topo"].shape == (8, dm.topology_dim) == (8, 2 * 8 * 8)
+    assert len(list((tmp_path / "cache" / "preprocessed").rglob("*.npy"))) == 40
+    assert len(dm.class_weights) == 5 and np.mean(dm.class_weights) == pytest.approx(1.0)
+    table = dm.split_table()
+    assert set(table["split"]) == {"train", "val", "test"}
+    assert len(dm.fingerprint) == 16
+
+
+def test_inference_inputs_match_the_cached_evaluation_path(aptos_root: Path, tmp_path: Path):
+    dm = make_dm(aptos_root, tmp_path)
+    dm.setup()
+    item = dm.datasets["test"][0]
+    image, topo = dm.inference_inputs(dm.datasets["test"].paths[0])
+    torch.testing.assert_close(image[0], item["image"])
+    torch.testing.assert_close(topo[0], item["topo"])
+
+
+def test_weighted_sampler_balances_grades(aptos_root: Path, tmp_path: Path):
+    csv = aptos_root / "train.csv"
+    lines = csv.read_text().splitlines()
+    # make grade 0 dominant by relabelling most grade-1 and grade-2 images... keeping each grade >= 5
+    header, rows = lines[0], [line.split(",") for line in lines[1:]]
+    relabelled = 0
+    for row in rows:
+        if row[1] in {"1", "2"} and relabelled < 6:
+            row[1], relabelled = "0", relabelled + 1
+    csv.write_text("\n".join([header] + [",".join(r) for r in rows]) + "\n")
+    dm = make_dm(aptos_root, tmp_path, batch_size=64)
+    dm.setup()
+    train_labels = dm.datasets["train"].labels
+    assert np.bincount(train_labels).max() >= 2 * np.bincount(train_labels).min()
+    drawn = torch.cat([next(iter(dm.train_dataloader()))["label"] for _ in range(20)]).numpy()
+    counts = np.bincount(drawn, minlength=5) / len(drawn)
+    np.testing.assert_allclose(counts, 0.2, atol=0.07)
+
+
+def test_eyepacs_patients_never_straddle_splits(eyepacs_root: Path, tmp_path: Path):
+    dm = make_dm(eyepacs_root, tmp_path, fmt="eyepacs")
+    dm.setup()
+    table = dm.split_table()
+    assert (table.groupby("patient")["split"].nunique() == 1).all()
+
+
+def test_corrupt_image_fails_setup_before_training(aptos_root: Path, tmp_path: Path):
+    (aptos_root / "train_images" / "img005.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    dm = make_dm(aptos_root, tmp_path)
+    with pytest.raises(DataValidationError, match=r"img005\.png: not a readable image"):
+        dm.setup()
+
+
+def test_real_format_without_root_is_a_clear_error(tmp_path: Path):
+    with pytest.raises(DataValidationError, match="needs data.root"):
+        DRDataModule(format="eyepacs", root=None)
+    with pytest.raises(ValueError, match="choose one of"):
+        DRDataModule(format="kaggle")
+
+
+def test_synthetic_default_writes_an_aptos_layout_once(tmp_path: Path, caplog):
+    dm = DRDataModule(format="synthetic", image_size=64, cache_dir=str(tmp_path / "cache"), synthetic_num_images=40,
+                      synthetic_raw_size=128, topo_resolution=32, topo_image_resolution=8)
+    with caplog.at_level("WARNING"):
+        dm.prepare_data()
+    assert "USING SYNTHETIC FUNDUS IMAGES" in caplog.text
+    dm.setup()
+    assert len(dm.index) == 40 and set(dm.index["label"]) == {0, 1, 2, 3, 4}
+    assert (dm.dataset_root / "train.csv").is_file()

@@ -1,0 +1,25 @@
+"""Compose the real Hydra config tree the way ``@hydra.main`` would, for in-process tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "experiments" / "conf"
+
+
+def compose_config(config_name: str, overrides: list[str], output_dir: Path) -> DictConfig:
+    """The composed config with Hydra's runtime fields filled in as a real run would have them."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(output_dir)
+        cfg.hydra.job.override_dirname = ",".join(o for o in overrides if not o.startswith("resume="))
+        cfg.hydra.overrides.task = list(overrides)
+    HydraConfig().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]  # @hydra.main hands the job a config without its hydra node
+    return cfg

@@ -1,0 +1,113 @@
+"""The whole dr-distill pipeline, in process, on a tiny synthetic set (Lightning's fast_dev_run)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from experiments.train_dr import run_dr_distill
+from tests.experiments.helpers import compose_config
+
+TINY = ["debug=tiny"]
+FAST = ["debug=fast_dev_run"]
+
+
+def _store(tmp_path: Path) -> MlflowClient:
+    return MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+
+
+def _runs(client: MlflowClient) -> dict[str, list]:
+    experiment = client.get_experiment_by_name("dr-distill")
+    runs = client.search_runs([experiment.experiment_id])
+    by_name: dict[str, list] = {}
+    for run in runs:
+        by_name.setdefault(run.info.run_name, []).append(run)
+    return by_name
+
+
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch) -> Path:
+    monkeypatch.setenv("PROJECT_ROOT", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return tmp_path
+
+
+def test_fast_dev_run_logs_parent_and_child_runs_with_stable_metric_names(project: Path):
+    cfg = compose_config("train_dr", TINY, project / "outputs" / "dr-distill" / "runs" / "a")
+    run_dr_distill(cfg)
+    client = _store(project)
+    runs = _runs(client)
+    assert set(runs) == {"dr-distill[debug=tiny]", "teacher", "student"}
+    parent = runs["dr-distill[debug=tiny]"][0]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["synthetic_data"] == "true" and len(parent.data.tags["data_fingerprint"]) == 16
+    assert parent.data.tags["overrides"] == "debug=tiny"
+    assert "mlflow.source.git.commit" in parent.data.tags
+    assert "baseline/majority_acc" in parent.data.metrics and "student/test/qwk" in parent.data.metrics
+    for stage in ("teacher", "student"):
+        child = runs[stage][0]
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        metrics = child.data.metrics
+        for name in ["test/qwk", "test/acc", "test/f1_macro", "test/f1_weighted", "model/params", "model/macs",
+                     "model/size_bytes", "model/latency_ms_median", "model/latency_ms_min",
+                     "model/latency_ms_max", "model/fps", "pipeline/latency_ms_median"]:
+            assert name in metrics, f"{stage} lacks {name}"
+        assert all(f"test/recall_{g}" in metrics and f"test/auroc_{g}" in metrics for g in range(5))
+        assert metrics["model/params"] > 1e5 and metrics["model/latency_ms_median"] > 0
+        artifacts = {a.path for a in client.list_artifacts(child.info.run_id, "run")}
+        assert {"run/config.yaml", "run/splits.csv"} <= artifacts
+        assert [a.path for a in client.list_artifacts(child.info.run_id, "plots")] == ["plots/confusion_matrix.png"]
+    student_params = runs["student"][0].data.params
+    assert student_params["teacher_checkpoint"].endswith(".ckpt")
+    assert float(student_params["temperature"]) == 4.0
+
+
+def test_resume_skips_finished_stages_and_reuses_the_mlflow_runs(project: Path):
+    run_dir = project / "outputs" / "dr-distill" / "runs" / "first"
+    run_dr_distill(compose_config("train_dr", TINY, run_dir))
+    state_file = run_dir / "run_state.json"
+    state = json.loads(state_file.read_text())
+    teacher_checkpoint = state["stages"]["teacher"]["checkpoint"]
+    # pretend the process died while the student was training
+    state["stages"]["student"] = {"status": "running"}
+    state["complete"] = False
+    state_file.write_text(json.dumps(state))
+    teacher_mtime = Path(teacher_checkpoint).stat().st_mtime_ns
+
+    resumed_dir = project / "outputs" / "dr-distill" / "runs" / "b"
+    run_dr_distill(compose_config("train_dr", [*TINY, "resume=true"], resumed_dir))
+    resumed = json.loads(state_file.read_text())
+    assert resumed["complete"] and resumed["stages"]["student"]["status"] == "done"
+    assert resumed["parent_run_id"] == state["parent_run_id"]
+    assert resumed["child_run_ids"] == state["child_run_ids"]
+    assert Path(teacher_checkpoint).stat().st_mtime_ns == teacher_mtime  # the teacher was not retrained
+    runs = _runs(_store(project))
+    assert len(runs["teacher"]) == 1 and len(runs["student"]) == 1
+    assert not (resumed_dir / "run_state.json").exists()  # everything went to the original run
+
+
+def test_fast_dev_run_of_the_whole_experiment(project: Path):
+    run_dir = project / "out"
+    run_dr_distill(compose_config("train_dr", FAST, run_dir))
+    state = json.loads((run_dir / "run_state.json").read_text())
+    assert state["complete"] and [s["status"] for s in state["stages"].values()] == ["done", "done"]
+    assert Path(state["stages"]["teacher"]["checkpoint"]).name == "final.ckpt"
+    runs = _runs(_store(project))
+    assert {"teacher", "student"} <= set(runs)
+
+
+def test_student_only_ablation_trains_without_a_teacher(project: Path):
+    cfg = compose_config("train_dr", [*TINY, "experiment=dr_student_only"], project / "out")
+    run_dr_distill(cfg)
+    runs = _runs(_store(project))
+    assert "teacher" not in runs and "student" in runs
+    assert runs["student"][0].data.params["teacher_checkpoint"] == "None"
+
+
+def test_student_stage_alone_with_distillation_needs_a_teacher(project: Path):
+    cfg = compose_config("train_dr", [*FAST, "stages=[student]"], project / "out")
+    with pytest.raises(ValueError, match="distill.teacher_checkpoint"):
+        run_dr_distill(cfg)
