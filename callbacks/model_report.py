@@ -66,12 +66,13 @@ class ModelReport(Callback):
         if self.pipeline_runs == 0 or dataset is None or not hasattr(datamodule, "inference_inputs"):
             return {}
         source = dataset.paths[0]
+        uses_topology = bool(getattr(net, "uses_topology", False))
         net.eval()
 
         def grade_one_file() -> torch.Tensor:
             with torch.inference_mode():
-                inputs = datamodule.inference_inputs(source)
-                return net(*inputs) if getattr(net, "uses_topology", False) else net(inputs[0])
+                image, topo = datamodule.inference_inputs(source, with_topology=uses_topology)
+                return net(image, topo) if uses_topology else net(image)
 
         stats = measure_latency(grade_one_file, runs=self.pipeline_runs, warmup=1)
         return {"pipeline/latency_ms_median": stats.median_ms, "pipeline/latency_ms_min": stats.min_ms,

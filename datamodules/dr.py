@@ -273,11 +273,11 @@ class DRDataModule(LightningDataModule):
         return self.imager.transform(diagrams)
 
     # ------------------------------------------------------------------------------ inference
-    def inference_inputs(self, path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
+    def inference_inputs(self, path: str | Path, with_topology: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """The clinic's per-image path, uncached: decode, preprocess, topology, normalise -> batch of 1."""
         image = self.preprocessing(read_rgb(path))
         tensor = evaluation_transform()(image=image)["image"].unsqueeze(0)
-        if not self.use_topology:
+        if not (self.use_topology and with_topology):
             return tensor, torch.zeros(1, 0)
         features = self.imager.transform([image_diagrams(image, self.topology)])
         return tensor, torch.from_numpy(features)

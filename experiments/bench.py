@@ -83,8 +83,8 @@ def benchmark(cfg: DictConfig, dm: DRDataModule) -> pd.DataFrame:
 
     def pipeline() -> torch.Tensor:
         with torch.inference_mode():
-            inputs = dm.inference_inputs(path)
-            return student(*inputs) if student.uses_topology else student(inputs[0])
+            image, topo = dm.inference_inputs(path, with_topology=student.uses_topology)
+            return student(image, topo) if student.uses_topology else student(image)
 
     student.eval()
     add("full pipeline (decode, preprocess, topology, student)", student, (image, topo) if student.uses_topology

