@@ -125,7 +125,8 @@ def fit_and_test_stage(
     """
     cfg = ctx.cfg
     stage_dir = ctx.run_dir / stage
-    logger = ctx.tracker.child_logger(stage, extra_tags, log_model=bool(cfg.logger.log_model))
+    # Lightning's log_model would upload best *and* last checkpoint; only the best one is worth keeping.
+    logger = ctx.tracker.child_logger(stage, extra_tags, log_model=False)
     ctx.tracker.log_context(logger.run_id, config_params(cfg), context_files)
     callbacks = build_callbacks(cfg.callbacks, stage_dir)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger,
@@ -148,6 +149,8 @@ def fit_and_test_stage(
         trainer.test(module, datamodule=datamodule)
     else:
         trainer.test(module, datamodule=datamodule, ckpt_path=best)
+    if cfg.logger.log_model:
+        ctx.tracker.client.log_artifact(logger.run_id, best, artifact_path="checkpoint")
     report = next((c.report for c in callbacks if hasattr(c, "report")), {})
     result = {"status": "done", "checkpoint": best, "best_val": best_val,
               "test": dict(module.test_results), "report": dict(report)}

@@ -22,6 +22,18 @@ from lightning_modules.nets.student import TopoFusionNet, build_student_net
 log = logging.getLogger(__name__)
 
 
+def reset_classifier_small(head: nn.Module) -> None:
+    """Near-zero init of a fresh head on pretrained features.
+
+    timm initialises EfficientNet's classifier uniformly in +-1/sqrt(num_classes) (0.45 for 5
+    grades); on 1280 ImageNet features that gives logits of about +-9 and a first-epoch loss of
+    3.5 instead of ln 5 = 1.6, which the pretrained backbone then pays for in large, noisy gradients.
+    """
+    if isinstance(head, nn.Linear):
+        nn.init.trunc_normal_(head.weight, std=0.01)
+        nn.init.zeros_(head.bias)
+
+
 class GradingModule(LightningModule):
     """Shared plumbing: AdamW + OneCycleLR, val/test metrics under stable names, test confusion matrix."""
 
@@ -128,6 +140,8 @@ class TeacherClassifier(GradingModule):
         self.save_hyperparameters()
         self.net = create_backbone(backbone, pretrained=pretrained, pretrained_path=pretrained_path,
                                    num_classes=num_classes, drop_rate=drop_rate)
+        if pretrained != "none" or pretrained_path:
+            reset_classifier_small(self.net.get_classifier())
         log.info("Teacher %s: %s", backbone, getattr(self.net, "pretrained_report", f"pretrained={pretrained}"))
         self.label_smoothing = label_smoothing
 

@@ -60,6 +60,8 @@ def test_fast_dev_run_logs_parent_and_child_runs_with_stable_metric_names(projec
         artifacts = {a.path for a in client.list_artifacts(child.info.run_id, "run")}
         assert {"run/config.yaml", "run/splits.csv"} <= artifacts
         assert [a.path for a in client.list_artifacts(child.info.run_id, "plots")] == ["plots/confusion_matrix.png"]
+        checkpoints = [a.path for a in client.list_artifacts(child.info.run_id, "checkpoint")]
+        assert len(checkpoints) == 1 and checkpoints[0].startswith("checkpoint/best-")
     student_params = runs["student"][0].data.params
     assert student_params["teacher_checkpoint"].endswith(".ckpt")
     assert float(student_params["temperature"]) == 4.0
