@@ -41,7 +41,8 @@ class ConfusionMatrixArtifact(Callback):
         if matrix is None:
             return
         with tempfile.TemporaryDirectory() as tmp:
-            path = plot_confusion_matrix(matrix, Path(tmp) / "confusion_matrix.png")
+            title = f"{type(pl_module).__name__}: test confusion matrix"
+            path = plot_confusion_matrix(matrix, Path(tmp) / "confusion_matrix.png", title=title)
             for logger in trainer.loggers:
                 if isinstance(logger, MLFlowLogger):
                     logger.experiment.log_artifact(logger.run_id, str(path), artifact_path="plots")

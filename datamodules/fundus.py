@@ -138,8 +138,15 @@ def atomic_save_npy(path: Path, array: np.ndarray) -> None:
     os.replace(tmp_name, path)
 
 
-def load_npy_checked(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray | None:
-    """Load a cache entry, or None if it is missing or not what it should be (then it is rebuilt)."""
+def _shape_matches(actual: tuple[int, ...], expected: tuple[int | None, ...]) -> bool:
+    return len(actual) == len(expected) and all(e is None or e == a for a, e in zip(actual, expected))
+
+
+def load_npy_checked(path: Path, shape: tuple[int | None, ...], dtype: np.dtype) -> np.ndarray | None:
+    """Load a cache entry, or None if it is missing or not what it should be (then it is rebuilt).
+
+    ``None`` in ``shape`` matches any length (e.g. a diagram's number of points).
+    """
     if not path.is_file():
         return None
     try:
@@ -147,7 +154,7 @@ def load_npy_checked(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> np.
     except (OSError, ValueError, EOFError) as error:
         log.warning("Cache entry %s is corrupt (%s): rebuilding it", path, error)
         return None
-    if array.shape != shape or array.dtype != dtype:
+    if not _shape_matches(array.shape, shape) or array.dtype != dtype:
         log.warning("Cache entry %s has shape %s %s, expected %s %s: rebuilding it",
                     path, array.shape, array.dtype, shape, np.dtype(dtype))
         return None

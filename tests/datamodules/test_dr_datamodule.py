@@ -87,3 +87,19 @@ def test_synthetic_default_writes_an_aptos_layout_once(tmp_path: Path, caplog):
     dm.setup()
     assert len(dm.index) == 40 and set(dm.index["label"]) == {0, 1, 2, 3, 4}
     assert (dm.dataset_root / "train.csv").is_file()
+
+
+def test_class_weights_follow_the_counts_the_loss_sees(aptos_root: Path, tmp_path: Path):
+    csv = aptos_root / "train.csv"
+    rows = [line.split(",") for line in csv.read_text().splitlines()[1:]]
+    for row in rows[:12]:
+        row[1] = "0" if row[1] in {"1", "2"} else row[1]  # grade 0 now the majority
+    csv.write_text("id_code,diagnosis\n" + "\n".join(",".join(r) for r in rows) + "\n")
+    sampled = make_dm(aptos_root, tmp_path, weighted_sampling=True)
+    sampled.setup()
+    np.testing.assert_allclose(sampled.class_weights, 1.0)  # the sampler already balances the grades
+    natural = make_dm(aptos_root, tmp_path, weighted_sampling=False)
+    natural.setup()
+    weights = np.asarray(natural.class_weights)
+    counts = np.bincount(natural.datasets["train"].labels, minlength=5)
+    assert weights[np.argmax(counts)] == weights.min() and weights[np.argmin(counts)] == weights.max()
