@@ -50,6 +50,6 @@ mlflow-ui: $(INSTALLED) ## Browse runs at http://127.0.0.1:$(MLFLOW_PORT) (the s
 	$(BIN)/mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlruns/mlflow.db}" \
 		--default-artifact-root "$(CURDIR)/mlruns/artifacts" --host 127.0.0.1 --port $(MLFLOW_PORT)
 
-clean: ## Remove caches and run outputs' scratch (never mlruns/ or checkpoints in outputs/)
+clean: ## Remove caches (.cache, __pycache__, tool caches); never mlruns/ or outputs/
 	rm -rf .cache .pytest_cache .ruff_cache build *.egg-info
 	find . -path ./.venv -prune -o -name __pycache__ -type d -exec rm -rf {} +
