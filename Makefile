@@ -13,7 +13,7 @@ MLFLOW_PORT ?= 5000
 PYTEST_FLAGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv dr-distill bench test test-full lint format mlflow-ui clean
+.PHONY: help venv dr-distill glaucoma-iterations bench test test-full lint format mlflow-ui clean
 
 help: ## Show the targets
 	@awk 'BEGIN {FS = ":.*## "}; /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -29,6 +29,9 @@ venv: $(INSTALLED) ## Create .venv and install the project
 
 dr-distill: $(INSTALLED) ## Diabetic-retinopathy teacher -> student distillation (ARGS: Hydra overrides)
 	$(BIN)/python -m experiments.train_dr $(ARGS)
+
+glaucoma-iterations: $(INSTALLED) ## Optic-disc segmentation compressed 64 -> 32 -> 16 -> 8 by pruning and distillation (ARGS)
+	$(BIN)/python -m experiments.glaucoma_chain $(ARGS)
 
 bench: $(INSTALLED) ## CPU latency/size table: teacher, student, student+topology, full pipeline
 	$(BIN)/python -m experiments.bench $(ARGS)

@@ -34,7 +34,10 @@ class ModelReport(Callback):
 
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         net = pl_module.net
-        batch = next(iter(trainer.test_dataloaders))
+        loaders = trainer.test_dataloaders
+        # several test loaders (e.g. the test split and a hard-case set): the first is the test split
+        loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
+        batch = next(iter(loader))
         inputs = tuple(t.to("cpu") for t in pl_module.example_inputs(batch))
         device = next(net.parameters()).device
         net_cpu = net.to("cpu")
@@ -66,14 +69,16 @@ class ModelReport(Callback):
         if self.pipeline_runs == 0 or dataset is None or not hasattr(datamodule, "inference_inputs"):
             return {}
         source = dataset.paths[0]
-        uses_topology = bool(getattr(net, "uses_topology", False))
+        # The DR student fuses topological features, whose computation is part of its per-image cost;
+        # networks without that branch (teacher, segmenter) must not pay for it.
+        options = {"with_topology": bool(net.uses_topology)} if hasattr(net, "uses_topology") else {}
         net.eval()
 
-        def grade_one_file() -> torch.Tensor:
+        def process_one_file() -> torch.Tensor:
             with torch.inference_mode():
-                image, topo = datamodule.inference_inputs(source, with_topology=uses_topology)
-                return net(image, topo) if uses_topology else net(image)
+                inputs = [t for t in datamodule.inference_inputs(source, **options) if t.numel() > 0]
+                return net(*inputs)
 
-        stats = measure_latency(grade_one_file, runs=self.pipeline_runs, warmup=1)
+        stats = measure_latency(process_one_file, runs=self.pipeline_runs, warmup=1)
         return {"pipeline/latency_ms_median": stats.median_ms, "pipeline/latency_ms_min": stats.min_ms,
                 "pipeline/latency_ms_max": stats.max_ms}

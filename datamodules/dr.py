@@ -26,6 +26,7 @@ from datamodules.fundus import (
     source_key,
 )
 from datamodules.splits import SPLITS, check_splits, stratified_group_split
+from datamodules.synthetic import synthetic_data_banner
 from datamodules.topology import (
     PersistenceImager,
     TopologyConfig,
@@ -40,12 +41,7 @@ log = logging.getLogger(__name__)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 FORMATS = ("synthetic", "aptos", "eyepacs")
-SYNTHETIC_BANNER = (
-    "\n" + "!" * 78 + "\n"
-    "!!  USING SYNTHETIC FUNDUS IMAGES (no dataset given). Metrics say nothing about real   !!\n"
-    "!!  patients. Real data: data=aptos|eyepacs data.root=<folder>                         !!\n"
-    + "!" * 78
-)
+SYNTHETIC_BANNER = synthetic_data_banner("data=aptos|eyepacs data.root=<folder>")
 
 
 def training_transform(image_size: int) -> A.Compose:
@@ -222,7 +218,9 @@ class DRDataModule(LightningDataModule):
 
     # ----------------------------------------------------------------------------------- setup
     def prepare_data(self) -> None:
-        if self.is_synthetic:
+        # Lightning calls prepare_data again for every fit and test: once the data is set up, the
+        # synthetic set exists and the banner has been shown.
+        if self.is_synthetic and self.index is None:
             log.warning(SYNTHETIC_BANNER)
             write_synthetic_dr_dataset(self.dataset_root, **self.synthetic)
 
@@ -276,7 +274,7 @@ class DRDataModule(LightningDataModule):
         return self.imager.transform(diagrams)
 
     # ------------------------------------------------------------------------------ inference
-    def inference_inputs(self, path: str | Path, with_topology: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    def inference_inputs(self, path: str | Path, with_topology: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """The clinic's per-image path, uncached: decode, preprocess, topology, normalise -> batch of 1."""
         image = self.preprocessing(read_rgb(path))
         tensor = evaluation_transform()(image=image)["image"].unsqueeze(0)

@@ -126,8 +126,8 @@ def read_aptos_index(root: str | Path) -> pd.DataFrame:
                   patient_of=lambda sample_id: sample_id)
 
 
-def eyepacs_patient(sample_id: str) -> str:
-    """EyePACS names images ``<patient>_<left|right>``: both eyes belong to one patient."""
+def patient_of_eye(sample_id: str) -> str:
+    """EyePACS and ODIR-5K name images ``<patient>_<left|right>``: both eyes belong to one patient."""
     stem, _, side = sample_id.rpartition("_")
     return stem if stem and side.lower() in {"left", "right"} else sample_id
 
@@ -135,7 +135,7 @@ def eyepacs_patient(sample_id: str) -> str:
 def read_eyepacs_index(root: str | Path) -> pd.DataFrame:
     """EyePACS / Kaggle DR 2015: ``trainLabels.csv`` (image, level), images in ``images/``, ``train/`` or root."""
     return _index(Path(root), "trainLabels.csv", "image", "level", ["images", "train", "."], "eyepacs",
-                  patient_of=eyepacs_patient)
+                  patient_of=patient_of_eye)
 
 
 def write_synthetic_dr_dataset(

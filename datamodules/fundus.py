@@ -12,6 +12,7 @@ import hashlib
 import logging
 import os
 import tempfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,20 +35,40 @@ class UnreadableImageError(ValueError):
     """An image file that OpenCV cannot decode (missing, truncated, not an image)."""
 
 
-def read_rgb(path: str | Path) -> np.ndarray:
-    """Decode an image file to an RGB uint8 array, or raise UnreadableImageError naming the file."""
-    path = Path(path)
+def _read_bytes(path: Path) -> np.ndarray:
+    # np.fromfile + imdecode rather than cv2.imread: imread returns None without saying why, and
+    # cannot open non-ASCII paths on Windows.
     if not path.is_file():
         raise UnreadableImageError(f"{path}: file does not exist")
     data = np.fromfile(str(path), dtype=np.uint8)
     if data.size == 0:
         raise UnreadableImageError(f"{path}: file is empty")
+    return data
+
+
+def read_rgb(path: str | Path) -> np.ndarray:
+    """Decode an image file to an RGB uint8 array, or raise UnreadableImageError naming the file."""
+    path = Path(path)
+    data = _read_bytes(path)
     image = cv2.imdecode(data, cv2.IMREAD_COLOR)
     if image is None:
         raise UnreadableImageError(f"{path}: not a readable image (corrupt, truncated or not an image format)")
     if image.ndim != 3 or image.shape[2] != 3:
         raise UnreadableImageError(f"{path}: expected a colour image, got shape {image.shape}")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def read_grey(path: str | Path) -> np.ndarray:
+    """Decode an image file to a single-channel uint8 array (colour is converted), naming the file on failure.
+
+    Used for segmentation masks: OpenCV scales 16-bit files to 8 bits and maps palette PNGs through
+    their palette, so every mask ends up on the same 0-255 scale.
+    """
+    path = Path(path)
+    image = cv2.imdecode(_read_bytes(path), cv2.IMREAD_GRAYSCALE)
+    if image is None:
+        raise UnreadableImageError(f"{path}: not a readable image (corrupt, truncated or not an image format)")
+    return image
 
 
 def retina_bounding_box(image: np.ndarray, threshold: int = RETINA_THRESHOLD) -> tuple[int, int, int, int]:
@@ -66,14 +87,89 @@ def crop_to_retina(image: np.ndarray, threshold: int = RETINA_THRESHOLD) -> np.n
     EyePACS photographs often cut the circle at the top and bottom; padding (not stretching)
     keeps the disc round, which the CNN and the topology of lesions both rely on.
     """
+    return retina_square_crop(image, threshold).apply(image)
+
+
+@dataclass(frozen=True)
+class SquareCrop:
+    """A box of a source image (rows ``top:bottom``, columns ``left:right``) padded with black to a square.
+
+    One box computed from a photograph is applied to its mask too, so both stay aligned; ``to_source``
+    maps a mask predicted on the (resized) square back onto the original photograph.
+    """
+
+    top: int
+    bottom: int
+    left: int
+    right: int
+    source_height: int
+    source_width: int
+
+    @classmethod
+    def whole(cls, shape: tuple[int, ...]) -> SquareCrop:
+        """The whole image, only padded to a square."""
+        return cls(0, shape[0], 0, shape[1], shape[0], shape[1])
+
+    @property
+    def side(self) -> int:
+        return max(self.bottom - self.top, self.right - self.left)
+
+    @property
+    def padding(self) -> tuple[int, int, int, int]:
+        """Black rows/columns added (top, bottom, left, right): the box is centred in the square."""
+        pad_y = self.side - (self.bottom - self.top)
+        pad_x = self.side - (self.right - self.left)
+        return pad_y // 2, pad_y - pad_y // 2, pad_x // 2, pad_x - pad_x // 2
+
+    def apply(self, image: np.ndarray) -> np.ndarray:
+        """Crop and pad an image (HxWxC) or mask (HxW) of the source's size."""
+        if image.shape[:2] != (self.source_height, self.source_width):
+            raise ValueError(f"SquareCrop of a {self.source_height}x{self.source_width} image applied to one of "
+                             f"shape {image.shape}")
+        cropped = image[self.top : self.bottom, self.left : self.right]
+        return cv2.copyMakeBorder(cropped, *self.padding, cv2.BORDER_CONSTANT, value=0)
+
+    def to_source(self, mask: np.ndarray) -> np.ndarray:
+        """A square mask (any resolution) mapped back onto the source image (nearest neighbour, 0 outside)."""
+        if mask.ndim != 2 or mask.shape[0] != mask.shape[1]:
+            raise ValueError(f"to_source expects a square 2-D mask, got shape {mask.shape}")
+        square = cv2.resize(mask, (self.side, self.side), interpolation=cv2.INTER_NEAREST_EXACT)
+        pad_top, _, pad_left, _ = self.padding
+        height, width = self.bottom - self.top, self.right - self.left
+        source = np.zeros((self.source_height, self.source_width), dtype=mask.dtype)
+        source[self.top : self.bottom, self.left : self.right] = square[
+            pad_top : pad_top + height, pad_left : pad_left + width
+        ]
+        return source
+
+
+def retina_square_crop(image: np.ndarray, threshold: int = RETINA_THRESHOLD) -> SquareCrop:
+    """The crop ``crop_to_retina`` applies: the retina's bounding box, padded to a centred square."""
     top, bottom, left, right = retina_bounding_box(image, threshold)
-    cropped = image[top:bottom, left:right]
-    height, width = cropped.shape[:2]
-    side = max(height, width)
-    pad_y, pad_x = side - height, side - width
-    return cv2.copyMakeBorder(
-        cropped, pad_y // 2, pad_y - pad_y // 2, pad_x // 2, pad_x - pad_x // 2, cv2.BORDER_CONSTANT, value=0
-    )
+    return SquareCrop(top, bottom, left, right, image.shape[0], image.shape[1])
+
+
+def clahe_lab(
+    image_rgb: np.ndarray, clip_limit: float | None = 2.0, tile_grid: int = 8, equalize_hist: bool = False
+) -> np.ndarray:
+    """Contrast enhancement of the lightness only: optional global histogram equalisation, then CLAHE.
+
+    Working on L of CIE LAB (not on each RGB channel) raises the contrast of the disc rim and vessels
+    without shifting hues. ``clip_limit=None`` skips CLAHE (global equalisation alone). Returns RGB uint8
+    of the input's shape.
+    """
+    if image_rgb.dtype != np.uint8 or image_rgb.ndim != 3 or image_rgb.shape[2] != 3:
+        raise ValueError(f"clahe_lab expects an HxWx3 uint8 RGB image, got {image_rgb.dtype} {image_rgb.shape}")
+    if tile_grid < 1 or (clip_limit is not None and clip_limit <= 0):
+        raise ValueError(f"clahe_lab: clip_limit={clip_limit} must be > 0 (or None), tile_grid={tile_grid} >= 1")
+    lab = cv2.cvtColor(image_rgb, cv2.COLOR_RGB2LAB)
+    lightness = lab[..., 0]
+    if equalize_hist:
+        lightness = cv2.equalizeHist(lightness)
+    if clip_limit is not None:
+        lightness = cv2.createCLAHE(clipLimit=clip_limit, tileGridSize=(tile_grid, tile_grid)).apply(lightness)
+    lab[..., 0] = lightness
+    return cv2.cvtColor(lab, cv2.COLOR_LAB2RGB)
 
 
 def circular_mask(size: int, margin: float = 0.0) -> np.ndarray:
@@ -96,11 +192,15 @@ def ben_graham(image: np.ndarray, sigma_fraction: float = 1 / 30) -> np.ndarray:
     return enhanced
 
 
+def resize_square(square: np.ndarray, image_size: int) -> np.ndarray:
+    """Resize a square image to ``image_size`` px: area interpolation when shrinking (no aliasing), else cubic."""
+    interpolation = cv2.INTER_AREA if square.shape[0] > image_size else cv2.INTER_CUBIC
+    return cv2.resize(square, (image_size, image_size), interpolation=interpolation)
+
+
 def preprocess_fundus(image: np.ndarray, image_size: int, use_ben_graham: bool = False) -> np.ndarray:
     """Crop to the retina, resize to ``image_size`` squared (area interpolation), optionally Ben Graham."""
-    square = crop_to_retina(image)
-    interpolation = cv2.INTER_AREA if square.shape[0] > image_size else cv2.INTER_CUBIC
-    resized = cv2.resize(square, (image_size, image_size), interpolation=interpolation)
+    resized = resize_square(crop_to_retina(image), image_size)
     if use_ben_graham:
         resized = ben_graham(resized)
     return np.ascontiguousarray(resized)
@@ -161,6 +261,29 @@ def load_npy_checked(path: Path, shape: tuple[int | None, ...], dtype: np.dtype)
     return array
 
 
+def failures_in_threads(
+    load: Callable[..., object],
+    items: Sequence[object],
+    num_threads: int = 2,
+    errors: tuple[type[Exception], ...] = (UnreadableImageError,),
+) -> list[str]:
+    """Call ``load`` on every item in a thread pool; the messages of the calls that raised one of ``errors``.
+
+    The warm-up of the caches: every file is tried, so all bad ones are reported together.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    def load_one(item: object) -> str | None:
+        try:
+            load(item)
+        except errors as error:
+            return str(error)
+        return None
+
+    with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
+        return [p for p in pool.map(load_one, items) if p is not None]
+
+
 class PreprocessedImageCache:
     """Preprocessed fundus images on disk, one ``.npy`` per (source file, preprocessing)."""
 
@@ -192,19 +315,7 @@ class PreprocessedImageCache:
         Runs before training so a truncated JPEG found at epoch 7 cannot crash a night's run.
         OpenCV releases the GIL while decoding, so threads give a real speed-up.
         """
-        from concurrent.futures import ThreadPoolExecutor
-
-        problems: list[str] = []
-
-        def load_one(source: Path) -> str | None:
-            try:
-                self.load(source)
-            except UnreadableImageError as error:
-                return str(error)
-            return None
-
-        with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
-            problems = [p for p in pool.map(load_one, sources) if p is not None]
+        problems = failures_in_threads(self.load, sources, num_threads)
         if problems:
             raise DataValidationError(
                 f"{len(problems)} of {len(sources)} images cannot be read",

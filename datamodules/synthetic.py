@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import textwrap
 from dataclasses import dataclass, replace
 
 import cv2
@@ -149,6 +150,19 @@ def render_fundus(
     _draw_lesions(lesion_rng, grade, image, illumination, eye, disc, vessels, fovea)
     photo = _camera(anatomy, noise_rng, image, eye, grid)
     return SyntheticFundus(image=photo, disc_mask=_disc_mask(grid, disc, eye), grade=grade, hard_case=hard)
+
+
+def synthetic_data_banner(real_data_hint: str) -> str:
+    """The warning every DataModule logs when it falls back to synthetic images, ending with how to use real data.
+
+    Shared so the grading and the segmentation pipelines shout the same thing; ``real_data_hint`` is the
+    override that switches to real data (e.g. ``data=aptos|eyepacs data.root=<folder>``).
+    """
+    text = ("USING SYNTHETIC FUNDUS IMAGES (no dataset given). Metrics say nothing about real patients. "
+            f"Real data: {real_data_hint}")
+    rule = "!" * 78
+    lines = [f"!!  {line:<81}  !!" for line in textwrap.wrap(text, 81)]
+    return "\n".join(["", rule, *lines, rule])
 
 
 def _validate(grade: int, size: int) -> tuple[int, int]:

@@ -55,7 +55,7 @@ def benchmark(cfg: DictConfig, dm: DRDataModule) -> pd.DataFrame:
     log.info("Benchmarking %s", source)
     runs, warmup = int(cfg.bench.runs), int(cfg.bench.warmup)
     path = dm.datasets["test"].paths[0]
-    image, topo = dm.inference_inputs(path)
+    image, topo = dm.inference_inputs(path, with_topology=True)
     rows = []
 
     def add(name: str, net: torch.nn.Module | None, inputs: tuple, latency) -> None:

@@ -118,19 +118,23 @@ def fit_and_test_stage(
     datamodule: L.LightningDataModule,
     context_files: list[Path],
     extra_tags: dict[str, str],
+    extra_callbacks: list[Callback] | None = None,
+    extra_params: dict[str, str] | None = None,
+    trainer_overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Fit (resuming from ``last.ckpt`` where one exists), test the best checkpoint, record the result.
 
-    Returns ``{"checkpoint": path, "test": metrics, "report": model report, "best_val": score}``.
+    ``extra_callbacks`` (a stage's own, e.g. pruning or distillation) run after the configured ones.
+    Returns ``{"checkpoint": path, "test": metrics, "report": every callback's report, "best_val": score}``.
     """
     cfg = ctx.cfg
     stage_dir = ctx.run_dir / stage
     # Lightning's log_model would upload best *and* last checkpoint; only the best one is worth keeping.
     logger = ctx.tracker.child_logger(stage, extra_tags, log_model=False)
-    ctx.tracker.log_context(logger.run_id, config_params(cfg), context_files)
-    callbacks = build_callbacks(cfg.callbacks, stage_dir)
+    ctx.tracker.log_context(logger.run_id, config_params(cfg) | (extra_params or {}), context_files)
+    callbacks = build_callbacks(cfg.callbacks, stage_dir) + list(extra_callbacks or [])
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger,
-                                     default_root_dir=str(stage_dir))
+                                     default_root_dir=str(stage_dir), **(trainer_overrides or {}))
     last = stage_dir / "checkpoints" / "last.ckpt"
     resume_from = str(last) if ctx.resuming and last.is_file() else None
     if resume_from:
@@ -151,7 +155,9 @@ def fit_and_test_stage(
         trainer.test(module, datamodule=datamodule, ckpt_path=best)
     if cfg.logger.log_model:
         ctx.tracker.client.log_artifact(logger.run_id, best, artifact_path="checkpoint")
-    report = next((c.report for c in callbacks if hasattr(c, "report")), {})
+    report: dict[str, float] = {}
+    for callback in callbacks:
+        report |= getattr(callback, "report", {})
     result = {"status": "done", "checkpoint": best, "best_val": best_val,
               "test": dict(module.test_results), "report": dict(report)}
     ctx.state.stages[stage] = result

@@ -18,6 +18,7 @@ from lightning_modules.losses import consistency_loss, distillation_loss, linear
 from lightning_modules.metrics import confusion_matrix_metric, flatten_metrics, grading_metrics
 from lightning_modules.nets.backbones import create_backbone
 from lightning_modules.nets.student import TopoFusionNet, build_student_net
+from lightning_modules.optim import adamw_one_cycle
 
 log = logging.getLogger(__name__)
 
@@ -108,12 +109,8 @@ class GradingModule(LightningModule):
 
     # ------------------------------------------------------------------------------ optimiser
     def configure_optimizers(self):
-        optimizer = torch.optim.AdamW(self.trainable_parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=self.lr, total_steps=max(int(self.trainer.estimated_stepping_batches), 1),
-            pct_start=self.pct_start,
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return adamw_one_cycle(self.trainable_parameters(), self.lr, self.weight_decay, self.pct_start,
+                               self.trainer.estimated_stepping_batches)
 
     def trainable_parameters(self):
         return self.net.parameters()

@@ -77,3 +77,39 @@ def consistency_loss(logits: Tensor, logits_transformed: Tensor) -> Tensor:
     wrong early in training, so it cannot swamp the supervised term.
     """
     return F.mse_loss(F.softmax(logits, dim=1), F.softmax(logits_transformed, dim=1))
+
+
+# ----------------------------------------------------------------------------- segmentation (optic disc)
+
+
+def soft_dice_loss_per_sample(logits: Tensor, target: Tensor, smooth: float = 1.0) -> Tensor:
+    """1 - soft Dice of sigmoid(logits) against a {0,1} mask, one value per image (shape (B,)).
+
+    ``smooth`` keeps an image without disc (possible after a crop) from dividing by zero and
+    makes an empty prediction on an empty mask a perfect score.
+    """
+    probabilities = logits.sigmoid().flatten(1)
+    target = target.flatten(1)
+    overlap = (probabilities * target).sum(dim=1)
+    total = probabilities.sum(dim=1) + target.sum(dim=1)
+    return 1.0 - (2.0 * overlap + smooth) / (total + smooth)
+
+
+def bce_dice_loss_per_sample(logits: Tensor, target: Tensor, bce_weight: float = 1.0,
+                             dice_weight: float = 1.0) -> Tensor:
+    """BCE + Dice per image (shape (B,)): BCE keeps every pixel's gradient alive, Dice ignores the 95%
+    of background pixels that would otherwise let an all-background mask look good."""
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").flatten(1).mean(dim=1)
+    return bce_weight * bce + dice_weight * soft_dice_loss_per_sample(logits, target)
+
+
+def mask_distillation_loss_per_sample(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    """Pixel-wise KD for one-channel masks: tau^2 * mean KL(Bern(sigmoid(t/tau)) || Bern(sigmoid(s/tau))), per image.
+
+    The binary case of Hinton's KD: each pixel is a two-class distribution. The KL is written as
+    BCE(student; soft target) - H(soft target), so it is exactly zero when the student matches the teacher.
+    """
+    soft_target = (teacher_logits / temperature).sigmoid()
+    cross = F.binary_cross_entropy_with_logits(student_logits / temperature, soft_target, reduction="none")
+    entropy = F.binary_cross_entropy_with_logits(teacher_logits / temperature, soft_target, reduction="none")
+    return (cross - entropy).flatten(1).mean(dim=1) * temperature**2

@@ -3,7 +3,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from datamodules.dr_index import eyepacs_patient, read_aptos_index, read_eyepacs_index
+from datamodules.dr_index import patient_of_eye, read_aptos_index, read_eyepacs_index
 from datamodules.errors import DataValidationError
 
 
@@ -17,7 +17,7 @@ def test_aptos_index(aptos_root: Path):
 def test_eyepacs_index_groups_eyes_by_patient(eyepacs_root: Path):
     index = read_eyepacs_index(eyepacs_root)
     assert len(index) == 80 and index["patient"].nunique() == 40
-    assert eyepacs_patient("123_left") == "123" and eyepacs_patient("odd-name") == "odd-name"
+    assert patient_of_eye("123_left") == "123" and patient_of_eye("odd-name") == "odd-name"
 
 
 def test_eyepacs_images_directly_in_root(eyepacs_root: Path):

@@ -8,10 +8,14 @@ from datamodules.errors import DataValidationError
 from datamodules.fundus import (
     FundusPreprocessing,
     PreprocessedImageCache,
+    SquareCrop,
     UnreadableImageError,
     ben_graham,
+    clahe_lab,
     crop_to_retina,
+    read_grey,
     read_rgb,
+    retina_square_crop,
 )
 from datamodules.synthetic import render_fundus
 
@@ -81,3 +85,68 @@ def test_cache_hit_and_corrupt_entry_is_rebuilt(tmp_path: Path):
     assert np.load(entries[0]).shape == (64, 64, 3)  # rewritten
     other = PreprocessedImageCache(tmp_path / "cache", FundusPreprocessing(image_size=32))
     assert other.load(source).shape == (32, 32, 3)  # parameters are part of the key
+
+
+def _lab(image: np.ndarray) -> np.ndarray:
+    return cv2.cvtColor(image, cv2.COLOR_RGB2LAB).astype(np.int32)
+
+
+def test_clahe_lab_keeps_shape_dtype_and_hue_and_raises_local_contrast():
+    rng = np.random.default_rng(0)
+    texture = rng.integers(-6, 7, size=(64, 96, 1))  # faint detail, like vessels on a dim retina
+    image = np.clip(np.array([150, 90, 70]) + texture, 0, 255).astype(np.uint8)
+    enhanced = clahe_lab(image, clip_limit=2.0, tile_grid=8)
+    assert enhanced.shape == image.shape and enhanced.dtype == np.uint8
+    before, after = _lab(image), _lab(enhanced)
+    assert after[..., 0].std() > 1.5 * before[..., 0].std()  # lightness detail stretched
+    assert np.abs(after[..., 1:] - before[..., 1:]).mean() < 3  # a, b (hue) left alone
+    np.testing.assert_array_equal(clahe_lab(image, clip_limit=2.0, tile_grid=8), enhanced)  # deterministic
+
+
+def test_global_equalisation_stretches_lightness_to_the_full_range():
+    ramp = np.repeat(np.linspace(100, 130, 64).astype(np.uint8)[None, :, None], 3, axis=2)
+    ramp = np.repeat(ramp, 16, axis=0)  # grey: a = b = 128, so no colour can clip
+    equalised = clahe_lab(ramp, clip_limit=None, equalize_hist=True)
+    lightness = _lab(equalised)[..., 0]
+    # equalizeHist maps the darkest level to 0 and the brightest to 255
+    assert lightness.min() <= 3 and lightness.max() >= 252
+    assert (np.diff(lightness[0]) >= 0).all()  # order of grey levels kept
+    with pytest.raises(ValueError, match="HxWx3 uint8"):
+        clahe_lab(ramp.astype(np.float32))
+    with pytest.raises(ValueError, match="clip_limit=0"):
+        clahe_lab(ramp, clip_limit=0)
+
+
+def test_square_crop_aligns_image_and_mask_and_maps_back():
+    canvas = np.zeros((40, 60, 3), np.uint8)
+    canvas[5:35, 10:50] = 90  # a 30 x 40 "retina"
+    canvas[12:18, 20:26] = 250  # a bright "disc"
+    mask = np.zeros((40, 60), np.uint8)
+    mask[12:18, 20:26] = 1
+    crop = retina_square_crop(canvas)
+    assert (crop.top, crop.bottom, crop.left, crop.right, crop.side) == (5, 35, 10, 50, 40)
+    assert crop.padding == (5, 5, 0, 0)  # 10 rows of black split over top and bottom
+    square_image, square_mask = crop.apply(canvas), crop.apply(mask)
+    assert square_image.shape == (40, 40, 3) and square_mask.shape == (40, 40)
+    np.testing.assert_array_equal(square_image, crop_to_retina(canvas))  # the crop the DR pipeline uses
+    assert (square_image[square_mask == 1] == 250).all() and square_mask.sum() == 36  # still aligned
+    assert square_mask[12 - 5 + 5, 20 - 10] == 1  # row 12 -> 12 - top + pad_top, column 20 -> 20 - left
+    np.testing.assert_array_equal(crop.to_source(square_mask), mask)
+    small = cv2.resize(square_mask, (20, 20), interpolation=cv2.INTER_NEAREST)  # a prediction at 20 px
+    back = crop.to_source(small)
+    assert back.shape == (40, 60) and np.logical_and(back, mask).sum() / np.logical_or(back, mask).sum() > 0.6
+    whole = SquareCrop.whole(canvas.shape)
+    assert whole.apply(canvas).shape == (60, 60, 3) and whole.padding == (10, 10, 0, 0)
+    with pytest.raises(ValueError, match="applied to one of shape"):
+        crop.apply(np.zeros((10, 10), np.uint8))
+
+
+def test_read_grey_converts_colour_and_names_a_bad_file(tmp_path: Path):
+    colour = tmp_path / "mask.png"
+    cv2.imwrite(str(colour), np.full((8, 8, 3), 255, np.uint8))
+    grey = read_grey(colour)
+    assert grey.shape == (8, 8) and grey.dtype == np.uint8 and (grey == 255).all()
+    broken = tmp_path / "broken.bmp"
+    broken.write_bytes(b"BM not really")
+    with pytest.raises(UnreadableImageError, match=r"broken\.bmp: not a readable image"):
+        read_grey(broken)

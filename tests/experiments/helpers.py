@@ -23,3 +23,19 @@ def compose_config(config_name: str, overrides: list[str], output_dir: Path) -> 
     with open_dict(cfg):
         del cfg["hydra"]  # @hydra.main hands the job a config without its hydra node
     return cfg
+
+
+def mlflow_store(project: Path):
+    """The project's default MLflow store (SQLite under ``<project>/mlruns``)."""
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(f"sqlite:///{project / 'mlruns' / 'mlflow.db'}")
+
+
+def runs_by_name(client, experiment_name: str) -> dict[str, list]:
+    """Every run of an experiment, grouped by run name."""
+    experiment = client.get_experiment_by_name(experiment_name)
+    by_name: dict[str, list] = {}
+    for run in client.search_runs([experiment.experiment_id]):
+        by_name.setdefault(run.info.run_name, []).append(run)
+    return by_name

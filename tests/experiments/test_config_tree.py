@@ -6,10 +6,16 @@ from hydra.utils import instantiate
 from tests.experiments.helpers import CONF_DIR, compose_config
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
-DEBUGS = sorted(p.stem for p in (CONF_DIR / "debug").glob("*.yaml"))
+DR_EXPERIMENTS = [e for e in EXPERIMENTS if e.startswith("dr_")]
+GLAUCOMA_EXPERIMENTS = [e for e in EXPERIMENTS if e.startswith("glaucoma_")]
+DEBUGS = sorted(p.stem for p in (CONF_DIR / "debug").glob("*.yaml") if p.stem != "none")
 
 
-@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_belongs_to_a_pipeline():
+    assert sorted(DR_EXPERIMENTS + GLAUCOMA_EXPERIMENTS) == EXPERIMENTS
+
+
+@pytest.mark.parametrize("experiment", DR_EXPERIMENTS)
 def test_every_experiment_composes_and_its_data_and_models_instantiate(experiment, tmp_path: Path, monkeypatch):
     monkeypatch.setenv("PROJECT_ROOT", str(tmp_path))
     cfg = compose_config("train_dr", [f"experiment={experiment}"], tmp_path / "run")
@@ -34,10 +40,40 @@ def test_student_only_ablation_has_no_teacher(tmp_path: Path):
     assert list(cfg.stages) == ["student"] and cfg.distill.alpha_start == cfg.distill.alpha_end == 0
 
 
+@pytest.mark.parametrize("experiment", GLAUCOMA_EXPERIMENTS)
+def test_every_glaucoma_experiment_composes_and_builds_its_data_and_network(experiment, tmp_path: Path,
+                                                                              monkeypatch):
+    monkeypatch.setenv("PROJECT_ROOT", str(tmp_path))
+    cfg = compose_config("glaucoma_chain", [f"experiment={experiment}"], tmp_path / "run")
+    data = instantiate(cfg.data)
+    assert data.image_size == cfg.data.image_size
+    module = instantiate(cfg.model.segmenter, base=8)
+    assert module.net.base == 8 and module.net.dropout == cfg.model.segmenter.dropout
+    for callback in cfg.chain.callbacks.values():
+        assert callback._target_.startswith("callbacks.")
+
+
+def test_glaucoma_paper_experiment_holds_the_study_settings(tmp_path: Path):
+    cfg = compose_config("glaucoma_chain", ["experiment=glaucoma_paper"], tmp_path)
+    assert list(cfg.chain.bases) == [64, 32, 16, 8] and cfg.model.segmenter.dropout == 0.3
+    assert cfg.data.image_size == 256 and cfg.trainer.accelerator == "gpu"
+
+
 @pytest.mark.parametrize("debug", DEBUGS)
-def test_debug_presets_compose(debug, tmp_path: Path):
-    cfg = compose_config("train_dr", [f"debug={debug}"], tmp_path)
-    assert cfg.data.synthetic_num_images <= 200
+@pytest.mark.parametrize("pipeline", ["train_dr", "glaucoma_chain"])
+def test_debug_presets_compose_for_both_pipelines(pipeline, debug, tmp_path: Path):
+    default = compose_config(pipeline, [], tmp_path)
+    cfg = compose_config(pipeline, [f"debug={debug}"], tmp_path)
+    assert cfg.data.synthetic_num_images < default.data.synthetic_num_images
+    assert cfg.data.image_size < default.data.image_size
+    assert cfg.trainer.max_epochs <= 2
+
+
+def test_chain_overrides_reach_the_config(tmp_path: Path):
+    cfg = compose_config("glaucoma_chain", ["chain.bases=[64,32,16]", "chain.arms=[prune]", "data=disc_folder",
+                                            "data.root=/somewhere"], tmp_path)
+    assert list(cfg.chain.bases) == [64, 32, 16] and list(cfg.chain.arms) == ["prune"]
+    assert cfg.data.format == "disc_folder" and cfg.data.root == "/somewhere"
 
 
 def test_command_line_overrides_reach_the_config(tmp_path: Path):

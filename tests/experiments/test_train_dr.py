@@ -6,26 +6,16 @@ import json
 from pathlib import Path
 
 import pytest
-from mlflow.tracking import MlflowClient
 
 from experiments.train_dr import run_dr_distill
-from tests.experiments.helpers import compose_config
+from tests.experiments.helpers import compose_config, mlflow_store, runs_by_name
 
 TINY = ["debug=tiny"]
 FAST = ["debug=fast_dev_run"]
 
 
-def _store(tmp_path: Path) -> MlflowClient:
-    return MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
-
-
-def _runs(client: MlflowClient) -> dict[str, list]:
-    experiment = client.get_experiment_by_name("dr-distill")
-    runs = client.search_runs([experiment.experiment_id])
-    by_name: dict[str, list] = {}
-    for run in runs:
-        by_name.setdefault(run.info.run_name, []).append(run)
-    return by_name
+def _runs(client) -> dict[str, list]:
+    return runs_by_name(client, "dr-distill")
 
 
 @pytest.fixture
@@ -38,7 +28,7 @@ def project(tmp_path: Path, monkeypatch) -> Path:
 def test_fast_dev_run_logs_parent_and_child_runs_with_stable_metric_names(project: Path):
     cfg = compose_config("train_dr", TINY, project / "outputs" / "dr-distill" / "runs" / "a")
     run_dr_distill(cfg)
-    client = _store(project)
+    client = mlflow_store(project)
     runs = _runs(client)
     assert set(runs) == {"dr-distill[debug=tiny]", "teacher", "student"}
     parent = runs["dr-distill[debug=tiny]"][0]
@@ -86,7 +76,7 @@ def test_resume_skips_finished_stages_and_reuses_the_mlflow_runs(project: Path):
     assert resumed["parent_run_id"] == state["parent_run_id"]
     assert resumed["child_run_ids"] == state["child_run_ids"]
     assert Path(teacher_checkpoint).stat().st_mtime_ns == teacher_mtime  # the teacher was not retrained
-    runs = _runs(_store(project))
+    runs = _runs(mlflow_store(project))
     assert len(runs["teacher"]) == 1 and len(runs["student"]) == 1
     assert not (resumed_dir / "run_state.json").exists()  # everything went to the original run
 
@@ -97,14 +87,14 @@ def test_fast_dev_run_of_the_whole_experiment(project: Path):
     state = json.loads((run_dir / "run_state.json").read_text())
     assert state["complete"] and [s["status"] for s in state["stages"].values()] == ["done", "done"]
     assert Path(state["stages"]["teacher"]["checkpoint"]).name == "final.ckpt"
-    runs = _runs(_store(project))
+    runs = _runs(mlflow_store(project))
     assert {"teacher", "student"} <= set(runs)
 
 
 def test_student_only_ablation_trains_without_a_teacher(project: Path):
     cfg = compose_config("train_dr", [*TINY, "experiment=dr_student_only"], project / "out")
     run_dr_distill(cfg)
-    runs = _runs(_store(project))
+    runs = _runs(mlflow_store(project))
     assert "teacher" not in runs and "student" in runs
     assert runs["student"][0].data.params["teacher_checkpoint"] == "None"
 

@@ -1,0 +1,463 @@
+"""Optic-disc segmentation DataModule: image + mask pairs, CLAHE in LAB, on-disk cache, k-fold with a fixed test set."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import albumentations as A
+import cv2
+import numpy as np
+import pandas as pd
+import torch
+from albumentations.pytorch import ToTensorV2
+from lightning import LightningDataModule
+from torch.utils.data import DataLoader, Dataset, get_worker_info
+
+from datamodules.disc_index import (
+    HARD_CASES_FILE,
+    InvalidMaskError,
+    load_disc_pair,
+    read_disc_folder_index,
+    read_stems,
+    write_synthetic_disc_dataset,
+)
+from datamodules.dr import IMAGENET_MEAN, IMAGENET_STD, evaluation_transform
+from datamodules.dr_index import patient_of_eye
+from datamodules.errors import DataValidationError
+from datamodules.fundus import (
+    SquareCrop,
+    UnreadableImageError,
+    atomic_save_npy,
+    clahe_lab,
+    failures_in_threads,
+    load_npy_checked,
+    read_rgb,
+    resize_square,
+    retina_square_crop,
+    source_key,
+)
+from datamodules.splits import SPLITS, check_fold_arguments, kfold_with_test_split
+from datamodules.synthetic import synthetic_data_banner
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("synthetic_disc", "disc_folder")
+# Bumped whenever DiscPreprocessing changes what it writes, so stale cache entries are ignored.
+DISC_PREPROCESS_VERSION = 1
+SYNTHETIC_BANNER = synthetic_data_banner("data=disc_folder data.root=<folder with images/ and masks/>")
+
+
+@dataclass(frozen=True)
+class DiscPreprocessing:
+    """How a photograph and its disc mask become a square training pair; part of every cache key."""
+
+    image_size: int = 256
+    crop_to_retina: bool = True
+    clahe: bool = True
+    equalize_hist: bool = False
+    clahe_clip_limit: float = 2.0
+    clahe_tile_grid: int = 8
+    mask_threshold: float = 0.5
+    resize_masks: bool = False
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.image_size < 16:
+            problems.append(f"data.image_size={self.image_size} is below 16 px")
+        if self.clahe_clip_limit <= 0 or self.clahe_tile_grid < 1:
+            problems.append(f"data.clahe_clip_limit={self.clahe_clip_limit} must be > 0 and "
+                            f"data.clahe_tile_grid={self.clahe_tile_grid} >= 1")
+        if not 0 < self.mask_threshold <= 1:
+            problems.append(f"data.mask_threshold={self.mask_threshold} must lie in (0, 1] (a fraction of 255)")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    @property
+    def key(self) -> str:
+        return (f"disc-v{DISC_PREPROCESS_VERSION}-s{self.image_size}-crop{int(self.crop_to_retina)}"
+                f"-he{int(self.equalize_hist)}-clahe{int(self.clahe)}-c{self.clahe_clip_limit}-t{self.clahe_tile_grid}"
+                f"-thr{self.mask_threshold}-rm{int(self.resize_masks)}")
+
+    def preprocess_image(self, image_rgb: np.ndarray) -> tuple[np.ndarray, SquareCrop]:
+        """Crop (retina box, padded square), resize, CLAHE: the model's input and where it came from."""
+        crop = retina_square_crop(image_rgb) if self.crop_to_retina else SquareCrop.whole(image_rgb.shape)
+        image = resize_square(crop.apply(image_rgb), self.image_size)
+        if self.clahe or self.equalize_hist:
+            clip_limit = self.clahe_clip_limit if self.clahe else None
+            image = clahe_lab(image, clip_limit, self.clahe_tile_grid, self.equalize_hist)
+        return np.ascontiguousarray(image), crop
+
+    def __call__(self, image_rgb: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """A pair: the mask is cut with the image's crop box and resized with nearest neighbour (stays 0/1)."""
+        image, crop = self.preprocess_image(image_rgb)
+        size = (self.image_size, self.image_size)
+        square_mask = cv2.resize(crop.apply(mask), size, interpolation=cv2.INTER_NEAREST_EXACT)
+        return image, np.ascontiguousarray(square_mask)
+
+
+class PreprocessedPairCache:
+    """Preprocessed (image, mask) pairs on disk: one ``.npy`` of HxWx4 uint8 (RGB + 0/1 mask) per pair.
+
+    One file per pair (not two) so an image and its mask can never come from different runs. The key
+    holds both source files (path, size, mtime) and every preprocessing parameter.
+    """
+
+    def __init__(self, cache_dir: str | Path, preprocessing: DiscPreprocessing):
+        self.root = Path(cache_dir) / "preprocessed_disc" / preprocessing.key
+        self.preprocessing = preprocessing
+
+    def _entry(self, image_path: Path, mask_path: Path) -> Path:
+        key = source_key(image_path, source_key(mask_path, self.preprocessing.key))
+        return self.root / key[:2] / f"{key}.npy"
+
+    def load(self, image_path: str | Path, mask_path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+        """(image uint8 HxWx3, mask uint8 HxW 0/1), decoding and caching on a miss or a corrupt entry."""
+        image_path, mask_path = Path(image_path), Path(mask_path)
+        for path in (image_path, mask_path):
+            if not path.is_file():
+                raise UnreadableImageError(f"{path}: file does not exist")
+        entry = self._entry(image_path, mask_path)
+        size = self.preprocessing.image_size
+        cached = load_npy_checked(entry, (size, size, 4), np.dtype(np.uint8))
+        if cached is not None and cached[..., 3].max() <= 1:
+            return np.ascontiguousarray(cached[..., :3]), np.ascontiguousarray(cached[..., 3])
+        if cached is not None:
+            log.warning("Cache entry %s holds a mask that is not 0/1: rebuilding it", entry)
+        pair = load_disc_pair(image_path, mask_path, self.preprocessing.mask_threshold,
+                              self.preprocessing.resize_masks)
+        image, mask = self.preprocessing(*pair)
+        atomic_save_npy(entry, np.dstack([image, mask]))
+        return image, mask
+
+    def warm(self, pairs: list[tuple[Path, Path]], num_threads: int = 2) -> None:
+        """Decode, check and cache every pair, collecting every unusable file into one error before training."""
+        problems = failures_in_threads(lambda pair: self.load(*pair), pairs, num_threads,
+                                       errors=(UnreadableImageError, InvalidMaskError))
+        if problems:
+            raise DataValidationError(
+                f"{len(problems)} of {len(pairs)} image/mask pairs cannot be used",
+                problems,
+                fix="replace or delete these files (an image together with its mask), then rerun.",
+            )
+
+
+def disc_training_transform(seed: int | None = None) -> A.Compose:
+    """Joint image+mask augmentation: flip, small affine, brightness/contrast 0.2; ImageNet normalisation.
+
+    Geometry is applied to both (nearest neighbour and a 0 border for the mask, so it stays binary and
+    aligned); photometric changes and normalisation touch only the image.
+    """
+    return A.Compose([
+        A.HorizontalFlip(p=0.5),
+        A.Affine(rotate=(-15, 15), scale=(0.9, 1.1), translate_percent=(-0.05, 0.05),
+                 interpolation=cv2.INTER_LINEAR, mask_interpolation=cv2.INTER_NEAREST,
+                 border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0, p=0.7),
+        A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=0.8),
+        A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD),
+        ToTensorV2(),
+    ], seed=seed)
+
+
+def reseed_augmentation_in_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: give each worker's albumentations pipeline its own seed.
+
+    albumentations 2.0 keeps its RNG inside Compose, and every worker receives a copy of the same
+    state, so without this all workers repeat one augmentation sequence (AlbumentationsX issue #266).
+    ``torch.initial_seed()`` differs per worker and per epoch and derives from the loader's generator,
+    so runs stay reproducible.
+    """
+    info = get_worker_info()
+    transform = getattr(info.dataset, "transform", None) if info is not None else None
+    if isinstance(transform, A.Compose):
+        transform.set_random_seed(torch.initial_seed() % 2**32)
+
+
+class DiscSegmentationDataset(Dataset):
+    """Cached preprocessed pairs; items ``{"image" (3,H,W) float, "mask" (1,H,W) 0/1 float, "index", "hard"}``."""
+
+    def __init__(self, paths: list[str], mask_paths: list[str], hard: np.ndarray, cache: PreprocessedPairCache,
+                 transform: A.Compose):
+        self.paths = paths
+        self.mask_paths = mask_paths
+        self.hard = np.asarray(hard, dtype=bool)
+        self.cache = cache
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        image, mask = self.cache.load(self.paths[index], self.mask_paths[index])
+        out = self.transform(image=image, mask=mask)
+        return {
+            "image": out["image"],
+            "mask": out["mask"].unsqueeze(0).float(),
+            "index": torch.tensor(index, dtype=torch.int64),
+            "hard": torch.tensor(bool(self.hard[index])),
+        }
+
+
+class DiscDataModule(LightningDataModule):
+    """Reads, validates, splits (fixed test set + k-fold), caches and serves optic-disc segmentation pairs.
+
+    Everything that can fail on bad input happens in ``setup`` before the first training step: the
+    folder layout is checked, every pair is decoded, checked (size, non-empty mask) and cached, and the
+    split is checked for empty parts.
+    """
+
+    def __init__(
+        self,
+        format: str = "synthetic_disc",
+        root: str | None = None,
+        image_size: int = 256,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        seed: int = 0,
+        num_folds: int = 5,
+        fold: int = 0,
+        test_fraction: float = 0.15,
+        crop_to_retina: bool = True,
+        equalize_hist: bool = False,
+        clahe: bool = True,
+        clahe_clip_limit: float = 2.0,
+        clahe_tile_grid: int = 8,
+        mask_threshold: float = 0.5,
+        resize_masks: bool = False,
+        augment: bool = True,
+        hard_cases: list[str] | str | None = None,
+        cache_dir: str = ".cache",
+        synthetic_num_images: int = 200,
+        synthetic_raw_size: int = 320,
+        synthetic_seed: int = 0,
+    ):
+        super().__init__()
+        if format not in FORMATS:
+            raise ValueError(f"data.format={format!r}: choose one of {FORMATS}")
+        if format != "synthetic_disc" and not root:
+            raise DataValidationError(f"data.format={format} needs data.root=<dataset folder>",
+                                      fix="pass data.root=<folder holding images/ and masks/>.")
+        check_fold_arguments(num_folds, fold)
+        self.format = format
+        self.root = root
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.num_folds = num_folds
+        self.fold = fold
+        self.test_fraction = test_fraction
+        self.augment = augment
+        # A str / PathLike names a file of stems; anything else (list, Hydra ListConfig) is the stems themselves.
+        if hard_cases is None or isinstance(hard_cases, str | os.PathLike):
+            self.hard_cases: Path | list[str] | None = Path(hard_cases) if hard_cases is not None else None
+        else:
+            self.hard_cases = [str(stem) for stem in hard_cases]
+        self.cache_dir = Path(cache_dir)
+        self.synthetic = dict(num_images=synthetic_num_images, raw_size=synthetic_raw_size, seed=synthetic_seed)
+        self.preprocessing = DiscPreprocessing(
+            image_size=image_size, crop_to_retina=crop_to_retina, clahe=clahe, equalize_hist=equalize_hist,
+            clahe_clip_limit=clahe_clip_limit, clahe_tile_grid=clahe_tile_grid, mask_threshold=mask_threshold,
+            resize_masks=resize_masks,
+        )
+        self.pair_cache = PreprocessedPairCache(self.cache_dir, self.preprocessing)
+        self.index: pd.DataFrame | None = None
+        self.hard: np.ndarray | None = None
+        self.split_indices: dict[str, np.ndarray] = {}
+        self.datasets: dict[str, DiscSegmentationDataset] = {}
+
+    # ----------------------------------------------------------------------------------- facts
+    @property
+    def is_synthetic(self) -> bool:
+        return self.format == "synthetic_disc"
+
+    @property
+    def dataset_root(self) -> Path:
+        if self.is_synthetic:
+            s = self.synthetic
+            return self.cache_dir / "synthetic_disc" / f"n{s['num_images']}-s{s['raw_size']}-seed{s['seed']}"
+        return Path(self.root).expanduser()
+
+    @property
+    def image_size(self) -> int:
+        return self.preprocessing.image_size
+
+    @property
+    def fold_size(self) -> int:
+        """Images in one fold (this run's validation fold): the hard-example replay buffer's capacity."""
+        self._require_setup()
+        return len(self.split_indices["val"])
+
+    @property
+    def fingerprint(self) -> str:
+        """Short hash of (id, image size, mask size) of every pair: changes when the data does."""
+        self._require_setup()
+        digest = hashlib.sha256()
+        for row in self.index.sort_values("sample_id").itertuples():
+            sizes = f"{Path(row.image_path).stat().st_size}|{Path(row.mask_path).stat().st_size}"
+            digest.update(f"{row.sample_id}|{sizes}\n".encode())
+        return digest.hexdigest()[:16]
+
+    def split_table(self) -> pd.DataFrame:
+        """sample_id, image_path, mask_path, split, hard: saved and logged with every run."""
+        self._require_setup()
+        table = self.index.copy()
+        table["split"] = ""
+        for name, indices in self.split_indices.items():
+            table.loc[indices, "split"] = name
+        table["hard"] = self.hard
+        return table[["sample_id", "image_path", "mask_path", "split", "hard"]]
+
+    def hard_case_indices(self, split: str) -> np.ndarray:
+        """Positions in ``self.datasets[split]`` of the hard cases (empty when none are known)."""
+        self._require_setup()
+        return np.flatnonzero(self.datasets[split].hard)
+
+    def _require_setup(self) -> None:
+        if self.index is None:
+            raise RuntimeError("DiscDataModule.setup() has not run yet")
+
+    @property
+    def has_hard_cases(self) -> bool:
+        self._require_setup()
+        return bool(self.hard.any())
+
+    @property
+    def hard_case_ids(self) -> list[str]:
+        """Sample ids (image stems) of the hard cases, in index order."""
+        self._require_setup()
+        return self.index.loc[self.hard, "sample_id"].tolist()
+
+    def sample_id(self, path: str | Path) -> str:
+        """The sample id of one of this dataset's image paths (as in ``datasets[split].paths``)."""
+        self._require_setup()
+        matches = self.index.loc[self.index["image_path"] == str(path), "sample_id"]
+        if matches.empty:
+            raise KeyError(f"{path} is not an image of this dataset ({self.dataset_root / 'images'})")
+        return str(matches.iloc[0])
+
+    def set_hard_cases(self, ids: list[str], source: str = "set_hard_cases") -> None:
+        """Flag exactly these samples as hard from now on (e.g. iteration 1's replay buffer).
+
+        The splits stay as they are: they were fixed (and stratified by whatever was known) in ``setup``,
+        and every stage of a chain must see the same folds.
+        """
+        self._require_setup()
+        self.hard = self._flags(list(ids), source, self.index["sample_id"])
+        for name, indices in self.split_indices.items():
+            self.datasets[name].hard = self.hard[indices]
+        log.info("Hard cases from %s: %d images", source, int(self.hard.sum()))
+
+    def _flags(self, stems: list[str], source: str, sample_ids: pd.Series) -> np.ndarray:
+        unknown = sorted(set(stems) - set(sample_ids))
+        if unknown:
+            raise DataValidationError(
+                f"{len(unknown)} hard case(s) in {source} name no image of {self.dataset_root / 'images'}",
+                [f"'{stem}'" for stem in unknown],
+                fix="list the stems (file names without suffix) of images in images/, or remove these entries.",
+            )
+        return sample_ids.isin(stems).to_numpy()
+
+    def _hard_flags(self, sample_ids: pd.Series) -> np.ndarray:
+        """Hard-case flags from ``hard_cases`` (list or file), else ``root/hard_cases.txt``, else none."""
+        if isinstance(self.hard_cases, list):
+            return self._flags(self.hard_cases, "data.hard_cases", sample_ids)
+        if isinstance(self.hard_cases, Path):
+            return self._flags(read_stems(self.hard_cases), str(self.hard_cases), sample_ids)
+        listing = self.dataset_root / HARD_CASES_FILE
+        if listing.is_file():
+            return self._flags(read_stems(listing), str(listing), sample_ids)
+        return np.zeros(len(sample_ids), dtype=bool)
+
+    # ----------------------------------------------------------------------------------- setup
+    def prepare_data(self) -> None:
+        # Lightning calls prepare_data again for every fit and test: once the data is set up, the
+        # synthetic set exists and the banner has been shown.
+        if self.is_synthetic and self.index is None:
+            log.warning(SYNTHETIC_BANNER)
+            write_synthetic_disc_dataset(self.dataset_root, **self.synthetic)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.index is not None:
+            return
+        if self.is_synthetic and not (self.dataset_root / "params.json").is_file():
+            self.prepare_data()
+        index = read_disc_folder_index(self.dataset_root)
+        hard = self._hard_flags(index["sample_id"])
+        # ODIR-5K's <patient>_left/_right: both eyes of a patient stay in one split
+        patients = index["sample_id"].map(patient_of_eye).to_numpy()
+        splits = kfold_with_test_split(len(index), self.num_folds, self.fold, self.test_fraction, self.seed,
+                                       strata=hard if hard.any() else None, groups=patients)
+        pairs = [(Path(i), Path(m)) for i, m in zip(index["image_path"], index["mask_path"], strict=True)]
+        log.info("Decoding and caching %d image/mask pairs (first run only) under %s", len(pairs),
+                 self.pair_cache.root)
+        self.pair_cache.warm(pairs, num_threads=max(2, self.num_workers))
+        self.index, self.hard, self.split_indices = index, hard, splits
+        eval_tf = evaluation_transform()
+        train_tf = disc_training_transform(self.seed) if self.augment else eval_tf
+        for name in SPLITS:
+            idx = splits[name]
+            self.datasets[name] = DiscSegmentationDataset(
+                index["image_path"].iloc[idx].tolist(), index["mask_path"].iloc[idx].tolist(), hard[idx],
+                self.pair_cache, train_tf if name == "train" else eval_tf,
+            )
+        sizes = {name: f"{len(idx)} ({int(hard[idx].sum())} hard)" for name, idx in splits.items()}
+        log.info("Optic-disc data (%s, %d pairs, fold %d of %d): %s", self.format, len(index), self.fold,
+                 self.num_folds, sizes)
+
+    # ------------------------------------------------------------------------------ inference
+    def preprocess_image(self, image_rgb: np.ndarray) -> tuple[np.ndarray, SquareCrop]:
+        """The model's uint8 RGB input and the crop box (``box.to_source(mask)`` maps a prediction back)."""
+        return self.preprocessing.preprocess_image(image_rgb)
+
+    def inference_inputs(self, path: str | Path) -> tuple[torch.Tensor]:
+        """The clinic's per-image path, uncached: decode, crop, resize, CLAHE, normalise -> ((1,3,H,W),)."""
+        image, _ = self.preprocess_image(read_rgb(path))
+        return (evaluation_transform()(image=image)["image"].unsqueeze(0),)
+
+    # ---------------------------------------------------------------------------- dataloaders
+    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(
+            self.datasets[split], batch_size=self.batch_size, shuffle=shuffle, generator=generator,
+            num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+            worker_init_fn=reseed_augmentation_in_worker, drop_last=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def calibration_dataloader(self) -> DataLoader:
+        """Training images without augmentation, in a seeded random order: what BatchNorm statistics are
+        re-estimated on (the inference distribution, not the augmented one)."""
+        self._require_setup()
+        train = self.datasets["train"]
+        dataset = DiscSegmentationDataset(train.paths, train.mask_paths, train.hard, self.pair_cache,
+                                          evaluation_transform())
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=True,
+                          generator=torch.Generator().manual_seed(self.seed), num_workers=0)
+
+    def hard_case_dataset(self) -> DiscSegmentationDataset:
+        """Every hard case, whatever its split, un-augmented: the set edge-case detection is measured on."""
+        self._require_setup()
+        chosen = np.flatnonzero(self.hard)
+        return DiscSegmentationDataset(
+            self.index["image_path"].iloc[chosen].tolist(), self.index["mask_path"].iloc[chosen].tolist(),
+            np.ones(len(chosen), dtype=bool), self.pair_cache, evaluation_transform(),
+        )
+
+    def test_dataloader(self) -> DataLoader | list[DataLoader]:
+        """The test split; with known hard cases also the hard-case set (the module's dataloader 1)."""
+        test = self._loader("test")
+        if not self.has_hard_cases:
+            return test
+        hard = DataLoader(self.hard_case_dataset(), batch_size=self.batch_size, num_workers=self.num_workers)
+        return [test, hard]
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test")

@@ -1,0 +1,194 @@
+"""Hydra entry point of ``make glaucoma-iterations``: optic-disc segmentation compressed base by base.
+
+    python -m experiments.glaucoma_chain                                     # synthetic data, CPU-sized
+    python -m experiments.glaucoma_chain data=disc_folder data.root=/data/drions-db
+    python -m experiments.glaucoma_chain chain.bases=[64,32,16] chain.arms=[prune]
+    python -m experiments.glaucoma_chain resume=true                        # continue an interrupted chain
+
+Iteration 1 trains the first base until its validation Dice is sufficient; the prune arm then prunes
+the previous network by 50% and fine-tunes it, base after base; the distillation arm trains fresh
+networks of the smaller bases from iteration 1's soft masks. Each (arm, base) is a child MLflow run of
+one parent run; the parent gets the summary table and the liminal point.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning import Callback
+from omegaconf import DictConfig
+
+from datamodules.errors import DataValidationError
+from datamodules.optic_disc import DiscDataModule
+from experiments.chain_summary import (
+    BASE_ARM,
+    ChainStage,
+    describe_liminal,
+    liminal_points,
+    plan_chain,
+    summary_table,
+)
+from experiments.runner import (
+    RunContext,
+    config_params,
+    create_context,
+    fit_and_test_stage,
+    save_resolved_config,
+)
+from experiments.tracking import standard_tags
+from lightning_modules.nets.vgg_unet import save_network
+from lightning_modules.segmenter import DiscSegmenter
+
+log = logging.getLogger(__name__)
+
+NETWORK_FILE = "network.pt"
+
+
+def _stage_module(cfg: DictConfig, stage: ChainStage, results: dict[str, dict[str, Any]]) -> DiscSegmenter:
+    chain = cfg.chain
+    kd = {"kd_alpha": chain.kd.alpha, "kd_temperature": chain.kd.temperature}
+    if stage.arm == BASE_ARM:
+        return instantiate(cfg.model.segmenter, base=stage.base, **kd)
+    if stage.arm == "prune":
+        # starts from the previous iteration's network; the StructuredPruning callback halves it
+        return instantiate(cfg.model.segmenter, network_path=results[stage.source]["network"], vgg16_weights=None,
+                           lr=chain.finetune.lr, pct_start=chain.finetune.pct_start, **kd)
+    # a fresh, smaller network: ImageNet VGG16 weights only fit base 64
+    return instantiate(cfg.model.segmenter, base=stage.base, vgg16_weights=None, **kd)
+
+
+def _stage_callbacks(cfg: DictConfig, stage: ChainStage, results: dict[str, dict[str, Any]]) -> list[Callback]:
+    """The stage's own compression callbacks, in the order they must act on a batch."""
+    chain = cfg.chain
+    callbacks: list[Callback] = []
+    if stage.arm == "prune":
+        callbacks.append(instantiate(chain.callbacks.pruning, ratio=stage.prune_ratio))
+        callbacks.append(instantiate(chain.callbacks.dropout_toggle))
+    elif stage.arm == "kd":
+        callbacks.append(instantiate(chain.callbacks.distillation, teacher_path=results[stage.source]["network"]))
+    return callbacks
+
+
+def _trainer_overrides(cfg: DictConfig, stage: ChainStage) -> dict[str, Any]:
+    epochs = cfg.chain.max_epochs.get(stage.arm)
+    return {} if epochs is None else {"max_epochs": int(epochs)}
+
+
+def _restore_hard_cases(dm: DiscDataModule, first: ChainStage, results: dict[str, dict[str, Any]]) -> None:
+    """Data without its own hard-case set gets iteration 1's replay buffer as one (see HardExampleReplay);
+    every later stage, also after a resume, is measured on that same set."""
+    ids = results.get(first.name, {}).get("hard_cases")
+    if ids and not dm.has_hard_cases:
+        dm.set_hard_cases(ids, source=f"the hard-example replay buffer of {first.name}")
+
+
+def run_glaucoma_chain(cfg: DictConfig) -> float | None:
+    """Run (or resume) the chain; returns the last stage's best validation Dice (for sweepers)."""
+    ctx = create_context(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    stages = plan_chain(list(cfg.chain.bases), list(cfg.chain.arms))
+
+    dm: DiscDataModule = instantiate(cfg.data)
+    dm.prepare_data()
+    dm.setup()  # validates every image, mask and fold before anything trains
+
+    config_file = save_resolved_config(cfg, ctx.run_dir / "config.yaml")
+    split_file = ctx.run_dir / "splits.csv"
+    dm.split_table().to_csv(split_file, index=False)
+    files = [config_file, split_file]
+    tags = standard_tags(ctx.project_root, ctx.overrides, dm.fingerprint, dm.is_synthetic)
+    parent = ctx.tracker.start_parent(tags)
+    ctx.tracker.log_context(parent, config_params(cfg), files)
+    log.info("MLflow run %s (%s) in experiment %s; %d stages %s; outputs in %s", ctx.tracker.run_name, parent,
+             cfg.logger.experiment_name, len(stages), [s.name for s in stages], ctx.run_dir)
+
+    results = ctx.state.stages
+    status = "FAILED"
+    try:
+        best_val = None
+        for stage in stages:
+            _restore_hard_cases(dm, stages[0], results)
+            if ctx.state.stage_done(stage.name):
+                log.info("Stage %s already finished in %s: skipping it", stage.name, ctx.run_dir)
+                best_val = results[stage.name].get("best_val")
+                continue
+            result = _run_stage(ctx, cfg, stage, dm, files, tags)
+            best_val = result.get("best_val")
+        table = summary_table(stages, results)
+        _log_summary(ctx, parent, table, float(cfg.chain.liminal_tolerance))
+        ctx.state.complete = True
+        ctx.state.save()
+        status = "FINISHED"
+        return best_val
+    except KeyboardInterrupt:
+        status = "KILLED"
+        log.warning("Interrupted: rerun with resume=true to skip the finished stages and continue this one")
+        raise
+    finally:
+        ctx.tracker.finish(status)
+
+
+def _run_stage(ctx: RunContext, cfg: DictConfig, stage: ChainStage, dm: DiscDataModule, files: list[Path],
+               tags: dict[str, str]) -> dict[str, Any]:
+    results = ctx.state.stages
+    module = _stage_module(cfg, stage, results)
+    stage_tags = tags | {"arm": stage.arm, "base": str(stage.base)}
+    params = {"stage.arm": stage.arm, "stage.base": str(stage.base), "stage.source": stage.source or "(none)"}
+    result = fit_and_test_stage(ctx, stage.name, module, dm, files, stage_tags,
+                                extra_callbacks=_stage_callbacks(cfg, stage, results), extra_params=params,
+                                trainer_overrides=_trainer_overrides(cfg, stage))
+    # The tested (best) network, saved whole with its widths: the next iteration starts from it,
+    # the distillation arm learns from it, and it reloads without the checkpoint's training state.
+    network = ctx.run_dir / stage.name / NETWORK_FILE
+    save_network(module.net.cpu(), network)
+    result["network"] = str(network)
+    if stage.arm == BASE_ARM:
+        result["hard_cases"] = list(dm.hard_case_ids)
+    results[stage.name] = result
+    ctx.state.save()
+    return result
+
+
+def _log_summary(ctx: RunContext, parent: str, table, tolerance: float) -> None:
+    points = liminal_points(table, tolerance)
+    shown = table.assign(size_MB=table["size_bytes"] / 1e6).drop(columns=["size_bytes"])
+    markdown = shown.to_markdown(index=False, floatfmt=".4g") + "\n\n" + describe_liminal(points, tolerance) + "\n"
+    csv_path, md_path = ctx.run_dir / "summary.csv", ctx.run_dir / "summary.md"
+    table.to_csv(csv_path, index=False)
+    md_path.write_text(markdown)
+    for path in (csv_path, md_path):
+        ctx.tracker.client.log_artifact(parent, str(path), artifact_path="summary")
+    metrics: dict[str, float] = {}
+    for row in table.itertuples():
+        for column in ("dice", "iou", "latency_ms", "size_bytes", "params", "edge_case_detection",
+                       "cumulative_train_time_s"):
+            value = getattr(row, column)
+            if value == value:  # not NaN
+                metrics[f"{row.arm}-{row.base}/{column}"] = float(value)
+    for arm, point in points.items():
+        if point is not None:
+            metrics[f"liminal/{arm}_base"] = float(point["base"])
+    ctx.tracker.log_metrics(parent, metrics)
+    log.info("\nCompression chain summary (test split; %s):\n\n%s", md_path, markdown)
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="glaucoma_chain")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        return run_glaucoma_chain(cfg)
+    except DataValidationError as error:
+        log.error("Data problem, nothing was trained:\n%s", error)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

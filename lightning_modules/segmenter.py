@@ -1,0 +1,187 @@
+"""Optic-disc segmentation LightningModule: the VGG16-style U-Net, BCE + Dice, and the disc metrics.
+
+The network (``lightning_modules.nets.vgg_unet``), the losses (``lightning_modules.losses``) and the
+metrics (``lightning_modules.seg_metrics``) are plain and tested on their own; this class wires them to
+Lightning. The compression steps (pruning, distillation, hard-example replay, dropout toggling) are
+callbacks that act on this module through three small surfaces:
+
+* ``self.net`` is the deployable network, replaced in place by a pruning callback;
+* a batch may carry ``teacher_logits`` (put there by the distillation callback): the loss then mixes
+  pixel-wise KD with weight ``kd_alpha``;
+* ``training_step`` returns the per-sample losses and dataset indices the replay buffer ranks by.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from lightning import LightningModule
+from torch import Tensor
+
+from lightning_modules.losses import bce_dice_loss_per_sample, mask_distillation_loss_per_sample
+from lightning_modules.nets.vgg_unet import VGGUNet, load_network, load_vgg16_encoder
+from lightning_modules.optim import adamw_one_cycle
+from lightning_modules.seg_metrics import SegmentationScores, binarize, prefixed
+
+log = logging.getLogger(__name__)
+
+#: checkpoint key of the network's width spec: a pruned network no longer matches ``base``
+NETWORK_SPEC_KEY = "network_spec"
+
+
+class DiscSegmenter(LightningModule):
+    """A VGG16-style encoder-decoder trained with BCE + Dice (plus mask KD when a teacher is attached).
+
+    Args:
+        base: width of the first block (64, 32, 16, 8 ...); ignored when ``network_path`` is given.
+        dropout: dropout after every activation except in the last block.
+        vgg16_weights: a torchvision-layout ImageNet VGG16 state dict for encoder blocks 1-4 (base 64 only).
+        network_path: start from a saved network (``save_network``), e.g. the previous iteration's, instead
+            of building a fresh one.
+        kd_alpha, kd_temperature: weight and temperature of the pixel-wise KD term; used only on batches
+            that carry ``teacher_logits``.
+        threshold: probability above which a pixel is disc, for every metric.
+    """
+
+    def __init__(
+        self,
+        base: int = 64,
+        dropout: float = 0.3,
+        batch_norm: bool = True,
+        vgg16_weights: str | None = None,
+        network_path: str | None = None,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+        pct_start: float = 0.2,
+        bce_weight: float = 1.0,
+        dice_weight: float = 1.0,
+        kd_alpha: float = 0.5,
+        kd_temperature: float = 2.0,
+        threshold: float = 0.5,
+        channels_last: bool = True,
+    ):
+        super().__init__()
+        if not 0.0 <= kd_alpha <= 1.0:
+            raise ValueError(f"kd_alpha={kd_alpha}: the KD weight must lie in [0, 1]")
+        if kd_temperature <= 0:
+            raise ValueError(f"kd_temperature={kd_temperature} must be positive")
+        self.save_hyperparameters()
+        self.net = self._build_network(base, dropout, batch_norm, vgg16_weights, network_path)
+        self.lr, self.weight_decay, self.pct_start = lr, weight_decay, pct_start
+        self.bce_weight, self.dice_weight = bce_weight, dice_weight
+        self.kd_alpha, self.kd_temperature = kd_alpha, kd_temperature
+        self.threshold = threshold
+        self.channels_last = channels_last
+        self.val_scores = SegmentationScores()
+        self.test_scores = SegmentationScores()
+        self.edge_scores = SegmentationScores()
+        self.test_results: dict[str, float] = {}
+        self.test_per_image: list[dict[str, float]] = []
+
+    @staticmethod
+    def _build_network(base: int, dropout: float, batch_norm: bool, vgg16_weights: str | None,
+                       network_path: str | None) -> VGGUNet:
+        if network_path:
+            net = load_network(network_path)
+            log.info("Network loaded from %s (widths of base %s)", network_path, net.base)
+            return net
+        net = VGGUNet(base=base, dropout=dropout, batch_norm=batch_norm)
+        if vgg16_weights:
+            log.info("Transfer learning: %s", load_vgg16_encoder(net, vgg16_weights))
+        else:
+            log.info("Encoder of the base-%d network starts from scratch (no model.vgg16_weights given)", base)
+        return net
+
+    # ------------------------------------------------------------------ checkpoints of pruned nets
+    # A pruned network has the widths of a smaller base, not of ``hparams.base``: the spec travels with
+    # the weights and the network is rebuilt from it before the state dict is loaded.
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[NETWORK_SPEC_KEY] = self.net.spec()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        spec = checkpoint.get(NETWORK_SPEC_KEY)
+        if spec is not None and spec != self.net.spec():
+            self.net = VGGUNet.from_spec(spec).to(self.device)
+            if self.channels_last:
+                self.net.to(memory_format=torch.channels_last)
+
+    # ---------------------------------------------------------------------------------- plumbing
+    # oneDNN runs 3x3 convolutions natively on NHWC: on this project's 2-core CPU a channels-last
+    # base-64 training step is faster than NCHW (see lightning_modules/classifier.py for the numbers).
+    def setup(self, stage: str) -> None:
+        if self.channels_last:
+            self.to(memory_format=torch.channels_last)
+
+    def on_after_batch_transfer(self, batch: dict[str, Tensor], dataloader_idx: int) -> dict[str, Tensor]:
+        if self.channels_last and "image" in batch:
+            batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
+        return batch
+
+    def forward(self, image: Tensor) -> Tensor:
+        return self.net(image)
+
+    def example_inputs(self, batch: dict[str, Tensor]) -> tuple[Tensor, ...]:
+        return (batch["image"][:1],)
+
+    # ---------------------------------------------------------------------------------- training
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        logits = self.net(batch["image"])
+        per_sample = bce_dice_loss_per_sample(logits, batch["mask"], self.bce_weight, self.dice_weight)
+        loss = per_sample.mean()
+        teacher_logits = batch.get("teacher_logits")
+        if teacher_logits is not None and self.kd_alpha > 0:
+            kd = mask_distillation_loss_per_sample(logits, teacher_logits, self.kd_temperature)
+            self.log("train/kd", kd.mean(), batch_size=len(kd))
+            self.log("train/seg_loss", loss, batch_size=len(kd))
+            per_sample = (1.0 - self.kd_alpha) * per_sample + self.kd_alpha * kd
+            loss = per_sample.mean()
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(per_sample))
+        return {"loss": loss, "per_sample_loss": per_sample.detach(), "index": batch["index"]}
+
+    # -------------------------------------------------------------------------------- evaluation
+    def _evaluate(self, batch: dict[str, Tensor], scores: SegmentationScores, prefix: str) -> None:
+        logits = self.net(batch["image"])
+        loss = bce_dice_loss_per_sample(logits, batch["mask"], self.bce_weight, self.dice_weight).mean()
+        self.log(f"{prefix}/loss", loss, batch_size=len(logits), add_dataloader_idx=False)
+        scores.update(binarize(logits, self.threshold), batch["mask"] > 0.5, batch.get("hard"))
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, self.val_scores, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        results = prefixed(self.val_scores.compute(), "val")
+        self.val_scores.reset()
+        dice = results.pop("val/dice")
+        self.log_dict(results)
+        self.log("val/dice", dice, prog_bar=True)
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        # dataloader 0: the held-out test split; 1 (when the datamodule has one): the hard-case set
+        if dataloader_idx == 0:
+            self._evaluate(batch, self.test_scores, "test")
+        else:
+            logits = self.net(batch["image"])
+            self.edge_scores.update(binarize(logits, self.threshold), batch["mask"] > 0.5,
+                                    torch.ones(len(logits), dtype=torch.bool, device=logits.device))
+
+    def on_test_epoch_end(self) -> None:
+        results = prefixed(self.test_scores.compute(), "test")
+        self.test_per_image = self.test_scores.per_image()
+        self.test_scores.reset()
+        if self.edge_scores.update_count > 0:
+            edge = self.edge_scores.compute()
+            results |= {
+                "test/edge_case_detection": float(edge["edge_case_detection"]),
+                "test/edge_case_recall": float(edge["edge_case_recall"]),
+                "test/edge_case_dice": float(edge["dice"]),
+                "test/edge_case_images": float(edge["images"]),
+            }
+            self.edge_scores.reset()
+        self.test_results = results
+        self.log_dict(results, add_dataloader_idx=False)
+
+    # --------------------------------------------------------------------------------- optimiser
+    def configure_optimizers(self):
+        return adamw_one_cycle(self.net.parameters(), self.lr, self.weight_decay, self.pct_start,
+                               self.trainer.estimated_stepping_batches)

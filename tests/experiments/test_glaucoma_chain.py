@@ -1,0 +1,88 @@
+"""The glaucoma compression chain, in process, on a tiny synthetic set."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from experiments.glaucoma_chain import run_glaucoma_chain
+from lightning_modules.nets.vgg_unet import VGGUNet, load_network
+from tests.experiments.helpers import compose_config, mlflow_store, runs_by_name
+
+TINY = ["debug=tiny"]
+STAGES = ["base-64", "prune-32", "prune-16", "prune-8", "kd-32", "kd-16", "kd-8"]
+
+
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch) -> Path:
+    monkeypatch.setenv("PROJECT_ROOT", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return tmp_path
+
+
+def _runs(project: Path) -> dict[str, list]:
+    return runs_by_name(mlflow_store(project), "glaucoma-iterations")
+
+
+def test_tiny_chain_nests_every_arm_and_base_under_one_parent(project: Path):
+    run_dir = project / "outputs" / "glaucoma-iterations" / "runs" / "a"
+    run_glaucoma_chain(compose_config("glaucoma_chain", TINY, run_dir))
+    runs = _runs(project)
+    assert set(runs) == {"glaucoma-iterations[debug=tiny]", *STAGES}
+    parent = runs["glaucoma-iterations[debug=tiny]"][0]
+    assert parent.info.status == "FINISHED" and parent.data.tags["synthetic_data"] == "true"
+    client = mlflow_store(project)
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "summary")} == {
+        "summary/summary.csv", "summary/summary.md"}
+    for stage in STAGES:
+        child = runs[stage][0]
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        arm, base = stage.split("-")
+        assert child.data.tags["arm"] == arm and child.data.tags["base"] == base
+        for name in ["test/dice", "test/iou", "test/precision", "test/recall", "test/f1", "test/pixel_accuracy",
+                     "test/tp", "test/fn", "test/false_detections", "test/hd95", "test/edge_case_detection",
+                     "model/params", "model/size_bytes", "model/latency_ms_median", "chain/train_time_s",
+                     "chain/epochs", "pipeline/latency_ms_median"]:
+            assert name in child.data.metrics, f"{stage} lacks {name}"
+    assert "prune/params_after" in runs["prune-32"][0].data.metrics
+    assert "train/kd" in runs["kd-16"][0].data.metrics  # the distillation term reached the loss
+
+    table = pd.read_csv(run_dir / "summary.csv")
+    assert list(table["arm"] + "-" + table["base"].astype(str)) == STAGES
+    # the pruned networks really are as small as fresh ones of their base
+    for base in (32, 16, 8):
+        fresh = sum(p.numel() for p in VGGUNet(base=base).parameters())
+        assert table.loc[table["base"].eq(base) & table["arm"].eq("prune"), "params"].item() == fresh
+    pruned = load_network(run_dir / "prune-8" / "network.pt")
+    assert pruned.base == 8
+
+
+def test_resume_skips_finished_stages_and_continues_the_interrupted_one(project: Path):
+    overrides = [*TINY, "chain.bases=[64,32,16]", "chain.arms=[prune]"]
+    run_dir = project / "outputs" / "glaucoma-iterations" / "runs" / "first"
+    run_glaucoma_chain(compose_config("glaucoma_chain", overrides, run_dir))
+    state_file = run_dir / "run_state.json"
+    state = json.loads(state_file.read_text())
+    finished = {name: Path(state["stages"][name]["network"]).stat().st_mtime_ns for name in ("base-64", "prune-32")}
+    state["stages"]["prune-16"] = {"status": "running"}  # the process died while prune-16 trained
+    state["complete"] = False
+    state_file.write_text(json.dumps(state))
+
+    run_glaucoma_chain(compose_config("glaucoma_chain", [*overrides, "resume=true"], project / "elsewhere"))
+    resumed = json.loads(state_file.read_text())
+    assert resumed["complete"] and resumed["stages"]["prune-16"]["status"] == "done"
+    assert resumed["child_run_ids"] == state["child_run_ids"]
+    for name, mtime in finished.items():  # not retrained
+        assert Path(resumed["stages"][name]["network"]).stat().st_mtime_ns == mtime
+    runs = _runs(project)
+    assert all(len(runs[name]) == 1 for name in ("base-64", "prune-32", "prune-16"))
+
+
+def test_fast_dev_run_of_the_chain(project: Path):
+    run_dir = project / "out"
+    run_glaucoma_chain(compose_config("glaucoma_chain", ["debug=fast_dev_run", "chain.bases=[64,32]"], run_dir))
+    state = json.loads((run_dir / "run_state.json").read_text())
+    assert state["complete"] and list(state["stages"]) == ["base-64", "prune-32", "kd-32"]
