@@ -105,3 +105,44 @@ def recalibrate_batchnorm(net: torch.nn.Module, images: Iterable[Tensor]) -> int
         net.set_dropout(True)
     net.train(was_training)
     return len(counted)
+
+
+@torch.no_grad()
+def refit_output_layer(pruned: VGGUNet, reference: torch.nn.Module, images: Iterable[Tensor]) -> float:
+    """Least-squares refit of ``pruned.head`` (the 1x1 logits conv) to reproduce ``reference``'s logits.
+
+    Magnitude pruning ranks the last decoder channels by their weights, not by how much the one-channel
+    head relies on them, so a pruned network can lose most of its output signal: measured on a base-64
+    network (validation Dice 0.90), the 50%-pruned one predicted nothing (Dice 0.00, logits nearly
+    constant) even after BatchNorm recalibration, and 68 fine-tuning steps did not bring it back because
+    Adam moves each head weight by about the learning rate per step. Solving for the head in closed form
+    on the pruned features (the reconstruction step of channel pruning, He et al., ICCV 2017, applied to
+    the last layer) gave Dice 0.80 before any fine-tuning. No library does this for an arbitrary head,
+    hence the few lines here. Both networks run in eval mode. Returns the RMS logit error after the refit.
+    """
+    features: list[Tensor] = []
+    hook = pruned.head.register_forward_hook(lambda module, inputs, output: features.append(inputs[0]))
+    was_training = (pruned.training, reference.training)
+    pruned.eval()
+    reference.eval()
+    targets = []
+    try:
+        for batch in images:
+            pruned(batch)
+            targets.append(reference(batch))
+    finally:
+        hook.remove()
+        pruned.train(was_training[0])
+        reference.train(was_training[1])
+    if not features:
+        raise ValueError("refit_output_layer needs at least one batch of images")
+    channels = features[0].shape[1]
+    design = torch.cat([f.permute(0, 2, 3, 1).reshape(-1, channels) for f in features]).double()
+    design = torch.cat([design, torch.ones(len(design), 1, dtype=design.dtype, device=design.device)], dim=1)
+    target = torch.cat([t.permute(0, 2, 3, 1).reshape(-1, 1) for t in targets]).double()
+    solution = torch.linalg.lstsq(design.cpu(), target.cpu()).solution
+    head = pruned.head
+    head.weight.copy_(solution[:-1].T.reshape(head.weight.shape).to(head.weight))
+    head.bias.copy_(solution[-1].to(head.bias))
+    residual = design.cpu() @ solution - target.cpu()
+    return float(residual.pow(2).mean().sqrt())

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compression.pruning import prune_channels, recalibrate_batchnorm
+from compression.pruning import prune_channels, recalibrate_batchnorm, refit_output_layer
 from lightning_modules.nets.vgg_unet import VGGUNet, load_network, save_network
 
 
@@ -149,3 +149,35 @@ def test_batchnorm_recalibration_measures_the_statistics_without_dropout_and_kee
     assert torch.allclose(first_bn.running_mean, pre_bn.mean(dim=(0, 2, 3)), atol=1e-4)
     assert net.dropout_enabled and net.training
     assert all(torch.equal(v, net.state_dict()[k]) for k, v in weights.items())
+
+
+def test_head_refit_recovers_the_unpruned_logits_better_than_the_pruned_head():
+    torch.manual_seed(0)
+    reference = VGGUNet(base=4, dropout=0.0)
+    images = [torch.randn(2, 3, 16, 16) for _ in range(4)]
+    recalibrate_batchnorm(reference, iter(images))
+    pruned = prune_channels(copy.deepcopy(reference), 0.5)
+    recalibrate_batchnorm(pruned, iter(images))
+    reference.eval()
+    pruned.eval()
+
+    def rms_error() -> float:
+        with torch.no_grad():
+            return float(torch.cat([(pruned(x) - reference(x)).flatten() for x in images]).pow(2).mean().sqrt())
+
+    before = rms_error()
+    reported = refit_output_layer(pruned, reference, iter(images))
+    assert rms_error() == pytest.approx(reported, rel=1e-3)
+    assert reported < before
+    # it is the least-squares optimum: nudging the head in any direction makes the error worse
+    weight = pruned.head.weight.clone()
+    for _ in range(3):
+        with torch.no_grad():
+            pruned.head.weight.copy_(weight + 0.05 * torch.randn_like(weight))
+        assert rms_error() > reported
+    with torch.no_grad():
+        pruned.head.weight.copy_(weight)
+    refit_output_layer(pruned, reference, iter(images))  # refitting an optimal head leaves it in place
+    assert torch.allclose(pruned.head.weight, weight, atol=1e-4)
+    with pytest.raises(ValueError, match="at least one batch"):
+        refit_output_layer(pruned, reference, iter([]))
