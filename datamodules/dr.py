@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 
@@ -21,11 +20,12 @@ from datamodules.fundus import (
     FundusPreprocessing,
     PreprocessedImageCache,
     atomic_save_npy,
+    data_fingerprint,
     load_npy_checked,
     read_rgb,
     source_key,
 )
-from datamodules.splits import SPLITS, check_splits, stratified_group_split
+from datamodules.splits import SPLITS, check_splits, stratified_group_split, with_split_column
 from datamodules.synthetic import synthetic_data_banner
 from datamodules.topology import (
     PersistenceImager,
@@ -189,18 +189,13 @@ class DRDataModule(LightningDataModule):
     def fingerprint(self) -> str:
         """Short hash of (id, grade, file size) of every image: changes when the data does."""
         self._require_setup()
-        digest = hashlib.sha256()
-        for row in self.index.sort_values("sample_id").itertuples():
-            digest.update(f"{row.sample_id}|{row.label}|{Path(row.path).stat().st_size}\n".encode())
-        return digest.hexdigest()[:16]
+        rows = self.index.sort_values("sample_id").itertuples()
+        return data_fingerprint(f"{row.sample_id}|{row.label}|{Path(row.path).stat().st_size}" for row in rows)
 
     def split_table(self) -> pd.DataFrame:
         """sample_id, patient, label, split, path: saved and logged with every run."""
         self._require_setup()
-        table = self.index.copy()
-        table["split"] = ""
-        for name, indices in self.split_indices.items():
-            table.loc[indices, "split"] = name
+        table = with_split_column(self.index, self.split_indices)
         return table[["sample_id", "patient", "label", "split", "path"]]
 
     def majority_baseline_accuracy(self, split: str = "test") -> float:

@@ -12,7 +12,7 @@ import hashlib
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -227,6 +227,14 @@ def source_key(path: str | Path, *parts: str) -> str:
     stat = path.stat()
     text = "|".join([str(path), str(stat.st_size), str(stat.st_mtime_ns), *parts])
     return hashlib.sha1(text.encode()).hexdigest()
+
+
+def data_fingerprint(records: Iterable[str]) -> str:
+    """Short hash of one line per sample (id, label, file sizes ...): changes whenever the data does."""
+    digest = hashlib.sha256()
+    for record in records:
+        digest.update(f"{record}\n".encode())
+    return digest.hexdigest()[:16]
 
 
 def atomic_save_npy(path: Path, array: np.ndarray) -> None:

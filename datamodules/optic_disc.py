@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from datamodules.fundus import (
     UnreadableImageError,
     atomic_save_npy,
     clahe_lab,
+    data_fingerprint,
     failures_in_threads,
     load_npy_checked,
     read_rgb,
@@ -40,7 +40,7 @@ from datamodules.fundus import (
     retina_square_crop,
     source_key,
 )
-from datamodules.splits import SPLITS, check_fold_arguments, kfold_with_test_split
+from datamodules.splits import SPLITS, check_fold_arguments, kfold_with_test_split, with_split_column
 from datamodules.synthetic import synthetic_data_banner
 
 log = logging.getLogger(__name__)
@@ -294,19 +294,16 @@ class DiscDataModule(LightningDataModule):
     def fingerprint(self) -> str:
         """Short hash of (id, image size, mask size) of every pair: changes when the data does."""
         self._require_setup()
-        digest = hashlib.sha256()
-        for row in self.index.sort_values("sample_id").itertuples():
-            sizes = f"{Path(row.image_path).stat().st_size}|{Path(row.mask_path).stat().st_size}"
-            digest.update(f"{row.sample_id}|{sizes}\n".encode())
-        return digest.hexdigest()[:16]
+        rows = self.index.sort_values("sample_id").itertuples()
+        return data_fingerprint(
+            f"{row.sample_id}|{Path(row.image_path).stat().st_size}|{Path(row.mask_path).stat().st_size}"
+            for row in rows
+        )
 
     def split_table(self) -> pd.DataFrame:
         """sample_id, image_path, mask_path, split, hard: saved and logged with every run."""
         self._require_setup()
-        table = self.index.copy()
-        table["split"] = ""
-        for name, indices in self.split_indices.items():
-            table.loc[indices, "split"] = name
+        table = with_split_column(self.index, self.split_indices)
         table["hard"] = self.hard
         return table[["sample_id", "image_path", "mask_path", "split", "hard"]]
 

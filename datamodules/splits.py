@@ -7,6 +7,7 @@ import warnings
 from collections import Counter
 
 import numpy as np
+import pandas as pd
 from sklearn.model_selection import KFold, ShuffleSplit, StratifiedKFold, StratifiedShuffleSplit
 
 from datamodules.errors import DataValidationError
@@ -14,6 +15,15 @@ from datamodules.errors import DataValidationError
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
+
+
+def with_split_column(table: pd.DataFrame, split_indices: dict[str, np.ndarray]) -> pd.DataFrame:
+    """A copy of ``table`` with a ``split`` column naming each row's split (the file saved with every run)."""
+    table = table.copy()
+    table["split"] = ""
+    for name, indices in split_indices.items():
+        table.loc[indices, "split"] = name
+    return table
 
 
 def _group_labels(labels: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -19,8 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import lightning as L
-import torch
 from hydra.utils import instantiate
 from lightning import Callback
 from omegaconf import DictConfig
@@ -35,14 +33,7 @@ from experiments.chain_summary import (
     plan_chain,
     summary_table,
 )
-from experiments.runner import (
-    RunContext,
-    config_params,
-    create_context,
-    fit_and_test_stage,
-    save_resolved_config,
-)
-from experiments.tracking import standard_tags
+from experiments.runner import RunContext, finishing, fit_and_test_stage, start_invocation
 from lightning_modules.nets.vgg_unet import save_network
 from lightning_modules.segmenter import DiscSegmenter
 
@@ -91,50 +82,22 @@ def _restore_hard_cases(dm: DiscDataModule, first: ChainStage, results: dict[str
 
 def run_glaucoma_chain(cfg: DictConfig) -> float | None:
     """Run (or resume) the chain; returns the last stage's best validation Dice (for sweepers)."""
-    ctx = create_context(cfg)
-    L.seed_everything(cfg.seed, workers=True)
-    if cfg.threads:
-        torch.set_num_threads(int(cfg.threads))
     stages = plan_chain(list(cfg.chain.bases), list(cfg.chain.arms))
-
-    dm: DiscDataModule = instantiate(cfg.data)
-    dm.prepare_data()
-    dm.setup()  # validates every image, mask and fold before anything trains
-
-    config_file = save_resolved_config(cfg, ctx.run_dir / "config.yaml")
-    split_file = ctx.run_dir / "splits.csv"
-    dm.split_table().to_csv(split_file, index=False)
-    files = [config_file, split_file]
-    tags = standard_tags(ctx.project_root, ctx.overrides, dm.fingerprint, dm.is_synthetic)
-    parent = ctx.tracker.start_parent(tags)
-    ctx.tracker.log_context(parent, config_params(cfg), files)
-    log.info("MLflow run %s (%s) in experiment %s; %d stages %s; outputs in %s", ctx.tracker.run_name, parent,
-             cfg.logger.experiment_name, len(stages), [s.name for s in stages], ctx.run_dir)
-
+    run = start_invocation(cfg)
+    ctx, dm = run.ctx, run.datamodule
+    log.info("Chain of %d stages: %s", len(stages), ", ".join(s.name for s in stages))
     results = ctx.state.stages
-    status = "FAILED"
-    try:
-        best_val = None
+    best_val = None
+    with finishing(ctx):
         for stage in stages:
             _restore_hard_cases(dm, stages[0], results)
             if ctx.state.stage_done(stage.name):
                 log.info("Stage %s already finished in %s: skipping it", stage.name, ctx.run_dir)
-                best_val = results[stage.name].get("best_val")
-                continue
-            result = _run_stage(ctx, cfg, stage, dm, files, tags)
-            best_val = result.get("best_val")
-        table = summary_table(stages, results)
-        _log_summary(ctx, parent, table, float(cfg.chain.liminal_tolerance))
-        ctx.state.complete = True
-        ctx.state.save()
-        status = "FINISHED"
-        return best_val
-    except KeyboardInterrupt:
-        status = "KILLED"
-        log.warning("Interrupted: rerun with resume=true to skip the finished stages and continue this one")
-        raise
-    finally:
-        ctx.tracker.finish(status)
+            else:
+                _run_stage(ctx, cfg, stage, dm, run.files, run.tags)
+            best_val = results[stage.name].get("best_val")
+        _log_summary(ctx, run.parent_run_id, summary_table(stages, results), float(cfg.chain.liminal_tolerance))
+    return best_val
 
 
 def _run_stage(ctx: RunContext, cfg: DictConfig, stage: ChainStage, dm: DiscDataModule, files: list[Path],

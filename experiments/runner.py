@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
@@ -20,6 +23,7 @@ from experiments.tracking import (
     default_tracking_uri,
     find_resumable_run,
     flatten_params,
+    standard_tags,
 )
 
 log = logging.getLogger(__name__)
@@ -80,6 +84,58 @@ def create_context(cfg: DictConfig) -> RunContext:
     tracker = RunTracker(tracking_uri, cfg.logger.experiment_name, run_name(cfg.task_name, override_dirname),
                          state, artifact_location)
     return RunContext(cfg, project_root, run_dir, run_key, overrides, state, tracker)
+
+
+@dataclass
+class Invocation:
+    """One run of an entry point: its context, validated data, the files and tags every child run gets."""
+
+    ctx: RunContext
+    datamodule: Any
+    files: list[Path]
+    tags: dict[str, str]
+    parent_run_id: str
+
+
+def start_invocation(cfg: DictConfig) -> Invocation:
+    """Seed, read and validate the data (before anything trains), then open (or reopen) the parent run.
+
+    The datamodule must offer ``prepare_data``, ``setup``, ``split_table()``, ``fingerprint`` and ``is_synthetic``.
+    """
+    ctx = create_context(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup()  # validates every file and split: bad data stops the run here, with the list of problems
+    config_file = save_resolved_config(cfg, ctx.run_dir / "config.yaml")
+    split_file = ctx.run_dir / "splits.csv"
+    datamodule.split_table().to_csv(split_file, index=False)
+    files = [config_file, split_file]
+    tags = standard_tags(ctx.project_root, ctx.overrides, datamodule.fingerprint, datamodule.is_synthetic)
+    parent = ctx.tracker.start_parent(tags)
+    ctx.tracker.log_context(parent, config_params(cfg), files)
+    log.info("MLflow run %s (%s) in experiment %s; outputs in %s", ctx.tracker.run_name, parent,
+             cfg.logger.experiment_name, ctx.run_dir)
+    return Invocation(ctx, datamodule, files, tags, parent)
+
+
+@contextmanager
+def finishing(ctx: RunContext) -> Iterator[None]:
+    """Close every MLflow run of the invocation with the right status; a finished body marks the run complete."""
+    status = "FAILED"
+    try:
+        yield
+        ctx.state.complete = True
+        ctx.state.save()
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        log.warning("Interrupted: rerun with resume=true to skip the finished stages and continue the last one")
+        raise
+    finally:
+        ctx.tracker.finish(status)
 
 
 def save_resolved_config(cfg: DictConfig, path: Path) -> Path:

@@ -12,21 +12,12 @@ import logging
 import sys
 
 import hydra
-import lightning as L
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from datamodules.dr import DRDataModule
 from datamodules.errors import DataValidationError
-from experiments.runner import (
-    RunContext,
-    config_params,
-    create_context,
-    fit_and_test_stage,
-    save_resolved_config,
-)
-from experiments.tracking import standard_tags
+from experiments.runner import RunContext, finishing, fit_and_test_stage, start_invocation
 
 log = logging.getLogger(__name__)
 
@@ -58,55 +49,28 @@ def _summary(ctx: RunContext, dm: DRDataModule) -> dict[str, float]:
 
 def run_dr_distill(cfg: DictConfig) -> float | None:
     """Run the configured stages; returns the last stage's best validation QWK (for sweepers)."""
-    ctx = create_context(cfg)
-    L.seed_everything(cfg.seed, workers=True)
-    if cfg.threads:
-        torch.set_num_threads(int(cfg.threads))
-
-    dm: DRDataModule = instantiate(cfg.data)
-    dm.prepare_data()
-    dm.setup()  # validates every file and split before anything trains
-
-    config_file = save_resolved_config(cfg, ctx.run_dir / "config.yaml")
-    split_file = ctx.run_dir / "splits.csv"
-    dm.split_table().to_csv(split_file, index=False)
-    files = [config_file, split_file]
-    tags = standard_tags(ctx.project_root, ctx.overrides, dm.fingerprint, dm.is_synthetic)
-    parent = ctx.tracker.start_parent(tags)
-    ctx.tracker.log_context(parent, config_params(cfg), files)
-    log.info("MLflow run %s (%s) in experiment %s; outputs in %s", ctx.tracker.run_name, parent,
-             cfg.logger.experiment_name, ctx.run_dir)
-
     stages = list(cfg.stages)
     teacher_checkpoint = cfg.distill.teacher_checkpoint
     if "student" in stages and "teacher" not in stages and teacher_checkpoint is None and cfg.distill.alpha_end > 0:
         raise ValueError("stages=[student] with distillation needs distill.teacher_checkpoint=<teacher .ckpt>; "
                          "or use distill=none (experiment=dr_student_only) to train the student alone")
-    status = "FAILED"
-    try:
-        result = None
+    run = start_invocation(cfg)
+    ctx, dm = run.ctx, run.datamodule
+    result = None
+    with finishing(ctx):
         for stage in stages:
             if ctx.state.stage_done(stage):
                 log.info("Stage %s already finished in %s: skipping it", stage, ctx.run_dir)
                 result = ctx.state.stages[stage]
             else:
                 module = _stage_module(cfg, stage, dm, teacher_checkpoint)
-                result = fit_and_test_stage(ctx, stage, module, dm, files, tags)
+                result = fit_and_test_stage(ctx, stage, module, dm, run.files, run.tags)
             if stage == "teacher":
                 teacher_checkpoint = result["checkpoint"]
         summary = _summary(ctx, dm)
-        ctx.tracker.log_metrics(parent, summary)
-        ctx.state.complete = True
-        ctx.state.save()
-        status = "FINISHED"
+        ctx.tracker.log_metrics(run.parent_run_id, summary)
         _print_summary(summary)
-        return None if result is None else result.get("best_val")
-    except KeyboardInterrupt:
-        status = "KILLED"
-        log.warning("Interrupted: rerun with resume=true to continue from the last checkpoint")
-        raise
-    finally:
-        ctx.tracker.finish(status)
+    return None if result is None else result.get("best_val")
 
 
 def _print_summary(summary: dict[str, float]) -> None:
