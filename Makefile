@@ -33,7 +33,7 @@ dr-distill: $(INSTALLED) ## Diabetic-retinopathy teacher -> student distillation
 glaucoma-iterations: $(INSTALLED) ## Optic-disc segmentation compressed 64 -> 32 -> 16 -> 8 by pruning and distillation (ARGS)
 	$(BIN)/python -m experiments.glaucoma_chain $(ARGS)
 
-bench: $(INSTALLED) ## CPU latency/size table: teacher, student, student+topology, full pipeline
+bench: $(INSTALLED) ## CPU benchmark of the latest DR and glaucoma runs: fp32/channels-last/bf16/ONNX fp32/int8, sizes, Pareto plot
 	$(BIN)/python -m experiments.bench $(ARGS)
 
 test: $(INSTALLED) ## Fast test suite (no slow tests), the CI command

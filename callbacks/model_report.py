@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from lightning import Callback, LightningModule, Trainer
+from torch import Tensor
 
-from lightning_modules.profiling import count_macs, count_parameters, measure_latency, model_latency
+from callbacks.quantization_aware_training import QuantizationAwareTraining
+from callbacks.weight_sharing import WeightSharing
+from compression.export import ort_session, run_session
+from lightning_modules.profiling import (
+    LatencyStats,
+    count_macs,
+    count_parameters,
+    measure_latency,
+    model_latency,
+)
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +31,10 @@ class ModelReport(Callback):
     datamodule has ``inference_inputs(path)`` and test image paths, the whole per-image path
     (decode, preprocess, topological features, network) is timed as ``pipeline/latency_ms_*``.
     The weights are saved to ``<weights_dir>/model.pt``, the file whose size is reported.
+
+    A compression callback of the same trainer that produced a deployable file replaces the fp32 numbers
+    (see :func:`deployed_report`): ``WeightSharing``'s packed file, or ``QuantizationAwareTraining``'s int8
+    ONNX model and its ONNX Runtime latency.
     """
 
     def __init__(self, latency_runs: int = 30, warmup_runs: int = 5, pipeline_runs: int = 10,
@@ -57,6 +72,7 @@ class ModelReport(Callback):
             torch.save(net_cpu.state_dict(), path)
             report["model/size_bytes"] = float(path.stat().st_size)
         report |= self._pipeline_latency(trainer, net_cpu)
+        report |= deployed_report(trainer.callbacks, inputs, report, runs=self.latency_runs, warmup=self.warmup_runs)
         net.to(device)
         self.report = report
         for logger in trainer.loggers:
@@ -82,3 +98,34 @@ class ModelReport(Callback):
         stats = measure_latency(process_one_file, runs=self.pipeline_runs, warmup=1)
         return {"pipeline/latency_ms_median": stats.median_ms, "pipeline/latency_ms_min": stats.min_ms,
                 "pipeline/latency_ms_max": stats.max_ms}
+
+
+def deployed_report(callbacks: Sequence[Callback], inputs: tuple[Tensor, ...], report: dict[str, float],
+                    runs: int = 30, warmup: int = 5) -> dict[str, float]:
+    """What a compression stage deploys, in place of the fp32 entries of ``report``; returns the changed entries.
+
+    A ``WeightSharing`` packed file or a ``QuantizationAwareTraining`` int8 ONNX model becomes
+    ``model/size_bytes`` (the fp32 state dict's size moves to ``model/fp32_size_bytes``); the int8 model's
+    ONNX Runtime latency on ``inputs`` (batch 1, PyTorch's thread count) becomes ``model/latency_ms_*`` (the
+    PyTorch fp32 latency moves to ``model/fp32_latency_ms_*``).
+    """
+    deployed: dict[str, float] = {}
+    for callback in callbacks:
+        if isinstance(callback, WeightSharing) and callback.packed_path is not None:
+            deployed["model/size_bytes"] = float(callback.packed_path.stat().st_size)
+        elif isinstance(callback, QuantizationAwareTraining) and callback.int8_path is not None:
+            deployed["model/size_bytes"] = float(callback.int8_path.stat().st_size)
+            stats = _onnx_latency(callback.int8_path, inputs, runs, warmup)
+            for key in ("median", "min", "max"):
+                if f"model/latency_ms_{key}" in report:
+                    deployed[f"model/fp32_latency_ms_{key}"] = report[f"model/latency_ms_{key}"]
+                deployed[f"model/latency_ms_{key}"] = getattr(stats, f"{key}_ms")
+            deployed["model/fps"] = stats.fps
+    if "model/size_bytes" in deployed and "model/size_bytes" in report:
+        deployed["model/fp32_size_bytes"] = report["model/size_bytes"]
+    return deployed
+
+
+def _onnx_latency(path: Path, inputs: tuple[Tensor, ...], runs: int, warmup: int) -> LatencyStats:
+    session = ort_session(path, threads=torch.get_num_threads())
+    return measure_latency(lambda: run_session(session, inputs), runs=runs, warmup=warmup)

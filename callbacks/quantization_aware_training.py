@@ -33,8 +33,8 @@ class QuantizationAwareTraining(Callback):
     ``calibration_images`` images), and compares the int8 model with that fp32 network on the validation
     loader. The results go to ``self.report`` and every logger as ``quant/*``: ``int8_size_bytes``,
     ``fp32_size_bytes``, ``mean_abs_logit_diff``, ``max_abs_logit_diff``, and for one-channel mask logits
-    ``mask_dice_int8_vs_fp32`` and, when batches carry ``mask``, ``dice_delta`` (pooled Dice against the
-    masks, int8 minus fp32); for class logits ``top1_agreement``.
+    ``mask_dice_int8_vs_fp32`` and, when batches carry ``target_key`` (``mask``), ``dice_delta`` (pooled Dice against the
+    masks, int8 minus fp32); for class logits ``agreement`` and, when batches carry ``label``, ``qwk_delta``.
 
     Afterwards ``pl_module.net`` is the plain fp32 network with the QAT weights. If the int8 model drifts
     beyond ``max_mean_abs_logit_diff`` or (masks) below ``min_mask_dice``, or the export fails,
@@ -64,6 +64,7 @@ class QuantizationAwareTraining(Callback):
         momentum: float = 0.01,
         exporter: Exporter = "auto",
         threads: int = 1,
+        target_key: str | None = "mask",
     ):
         if calibration_images < 1:
             raise ValueError(f"calibration_images={calibration_images} must be >= 1 (100 is the default)")
@@ -87,7 +88,9 @@ class QuantizationAwareTraining(Callback):
         self.momentum = momentum
         self.exporter = exporter
         self.threads = threads
+        self.target_key = target_key
         self.fp32_net: torch.nn.Module | None = None
+        self.int8_path: Path | None = None
         self.report: dict[str, float] = {}
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -115,10 +118,11 @@ class QuantizationAwareTraining(Callback):
                                        output_names=self.output_names, name=self.name,
                                        max_images=self.calibration_images, exporter=self.exporter)
             parity = measure_int8_parity(net, exported.int8_path, trainer.datamodule.val_dataloader(),
-                                         self.input_names, threshold=self.threshold,
+                                         self.input_names, target_key=self.target_key, threshold=self.threshold,
                                          max_batches=self.parity_batches, threads=self.threads)
             net.to(device)
         except Exception:
+            self.int8_path = None
             self._restore(pl_module, device)
             raise
         self.report = {"quant/int8_size_bytes": float(exported.int8_bytes),
@@ -136,6 +140,7 @@ class QuantizationAwareTraining(Callback):
                 f"validation images: {'; '.join(problems)}. pl_module.net was restored to the network from "
                 "before QAT. Fine-tune longer, calibrate on more images, or loosen the tolerance"
             )
+        self.int8_path = exported.int8_path
         log.info("Int8 model %s: %.2f MB (fp32 %.2f MB), %s", exported.int8_path, exported.int8_bytes / 1e6,
                  exported.fp32_bytes / 1e6, ", ".join(f"{key} {value:.4f}" for key, value in parity.items()))
 

@@ -82,6 +82,7 @@ import numpy as np
 import onnx
 import torch
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+from sklearn.metrics import cohen_kappa_score
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.fusion import fuse_conv_bn_eval
@@ -556,7 +557,9 @@ def int8_parity(
     masks at probability ``threshold``): ``mask_dice_int8_vs_fp32``, the Dice of the int8 mask against the fp32
     mask pooled over all pixels (1 = identical; both empty counts as identical); with ``target_masks`` also
     ``dice_fp32``, ``dice_int8`` (pooled, against the targets) and ``dice_delta`` = int8 - fp32. For (B, C)
-    class logits: ``top1_agreement``.
+    class logits: ``agreement`` (the share of inputs whose top-1 class is the same) and, with ``target_masks``
+    holding the (B,) labels of ordinal grades, ``qwk_fp32``, ``qwk_int8`` (quadratic-weighted kappa against the
+    labels) and ``qwk_delta`` = int8 - fp32.
     """
     if reference.shape != quantized.shape:
         raise ValueError(f"fp32 outputs {tuple(reference.shape)} and int8 outputs {tuple(quantized.shape)} differ")
@@ -575,7 +578,16 @@ def int8_parity(
             results["dice_int8"] = _pooled_dice(int8_mask, target)
             results["dice_delta"] = results["dice_int8"] - results["dice_fp32"]
     elif reference.ndim == 2:
-        results["top1_agreement"] = float((reference.argmax(1) == quantized.argmax(1)).float().mean())
+        fp32_class, int8_class = reference.argmax(1), quantized.argmax(1)
+        results["agreement"] = float((fp32_class == int8_class).float().mean())
+        if target_masks is not None:
+            labels = target_masks.detach().cpu().reshape(-1).long().numpy()
+            classes = list(range(reference.shape[1]))
+            results["qwk_fp32"] = float(cohen_kappa_score(labels, fp32_class.numpy(), labels=classes,
+                                                          weights="quadratic"))
+            results["qwk_int8"] = float(cohen_kappa_score(labels, int8_class.numpy(), labels=classes,
+                                                          weights="quadratic"))
+            results["qwk_delta"] = results["qwk_int8"] - results["qwk_fp32"]
     return results
 
 

@@ -295,6 +295,15 @@ class DRDataModule(LightningDataModule):
                                             replacement=True, generator=generator)
         return self._loader("train", shuffle=True, sampler=sampler)
 
+    def calibration_dataloader(self) -> DataLoader:
+        """Training images without augmentation, in a seeded random order: what int8 activation ranges are
+        calibrated on (the inference distribution, not the augmented one)."""
+        train = self.datasets["train"]
+        dataset = FundusGradingDataset(train.paths, train.labels, train.topo_features, self.image_cache,
+                                       evaluation_transform())
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=True,
+                          generator=torch.Generator().manual_seed(self.seed), num_workers=0)
+
     def val_dataloader(self) -> DataLoader:
         return self._loader("val")
 

@@ -2,7 +2,9 @@
 
 A chain starts with one network at the first base (iteration 1), then runs two arms over the smaller
 bases: ``prune`` (each iteration prunes the previous one's network and fine-tunes it) and ``kd`` (a fresh
-network of each base distilled from iteration 1's). The summary has the columns of the two tables of the
+network of each base distilled from iteration 1's). Optional *finishers* then compress chosen stages further:
+``qat`` (quantization-aware fine-tuning ending in an int8 ONNX model) and ``share`` (k-means weight sharing
+ending in a packed weight file), each a fine-tune of a copy of its source stage's network. The summary has the columns of the two tables of the
 pruning/distillation study plus Dice, IoU, false detections and edge-case detection, and names the
 *liminal point*: the smallest base that keeps Dice within a tolerance of iteration 1's and still detects
 the edge cases.
@@ -17,7 +19,10 @@ from typing import Any
 import pandas as pd
 
 ARMS = ("prune", "kd")
+FINISHERS = ("qat", "share")
 BASE_ARM = "base"
+#: ``chain.finish_after`` value that finishes every stage of the chain
+ALL_STAGES = "all"
 
 
 @dataclass(frozen=True)
@@ -31,11 +36,14 @@ class ChainStage:
 
     @property
     def name(self) -> str:
-        return f"{self.arm}-{self.base}"
+        # a finisher's base is its source's, so its source names it (qat-prune-16 vs qat-kd-16)
+        return f"{self.arm}-{self.source}" if self.arm in FINISHERS else f"{self.arm}-{self.base}"
 
 
-def plan_chain(bases: list[int], arms: list[str]) -> list[ChainStage]:
-    """Iteration 1 at ``bases[0]``, then each arm over ``bases[1:]`` (the prune arm in order, each from the last).
+def plan_chain(bases: list[int], arms: list[str], finishers: list[str] = (),
+               finish_after: list[str] = ()) -> list[ChainStage]:
+    """Iteration 1 at ``bases[0]``, then each arm over ``bases[1:]`` (the prune arm in order, each from the last),
+    then each finisher for each stage named in ``finish_after`` (``["all"]``: every stage).
 
     The prune ratio of each step is ``1 - base / previous base`` (0.5 for 64 -> 32), so a pruned network
     ends with exactly the widths of a fresh network of its base.
@@ -58,7 +66,25 @@ def plan_chain(bases: list[int], arms: list[str]) -> list[ChainStage]:
             previous = stage
     if "kd" in arms:
         stages += [ChainStage("kd", base, source=first.name) for base in bases[1:]]
-    return stages
+    return stages + _plan_finishers(stages, list(finishers), list(finish_after))
+
+
+def _plan_finishers(stages: list[ChainStage], finishers: list[str], finish_after: list[str]) -> list[ChainStage]:
+    unknown = sorted(set(finishers) - set(FINISHERS))
+    if unknown:
+        raise ValueError(f"chain.finishers has unknown finisher(s) {unknown}: choose from {list(FINISHERS)}")
+    if not finishers:
+        return []
+    by_name = {stage.name: stage for stage in stages}
+    names = list(by_name) if ALL_STAGES in finish_after else list(finish_after)
+    if not names:
+        raise ValueError(f"chain.finishers={finishers} needs chain.finish_after: the stages to finish, e.g. "
+                         f"[prune-16] or [{ALL_STAGES}]; this chain has {list(by_name)}")
+    missing = [name for name in names if name not in by_name]
+    if missing:
+        raise ValueError(f"chain.finish_after names {missing}, which this chain does not run: choose from "
+                         f"{list(by_name)} (or {ALL_STAGES})")
+    return [ChainStage(finisher, by_name[name].base, source=name) for finisher in finishers for name in names]
 
 
 #: summary column -> (where in a stage result it comes from, key)
@@ -85,7 +111,8 @@ def summary_table(stages: list[ChainStage], results: dict[str, dict[str, Any]]) 
     """One row per finished stage, in chain order, with cumulative train time per arm.
 
     Cumulative time counts what it took to obtain the network: for the prune arm, iteration 1 and
-    every earlier prune; for a distilled network, iteration 1 (its teacher) and its own training.
+    every earlier prune; for a distilled network, iteration 1 (its teacher) and its own training; for a
+    finisher, its source's cumulative time and its own fine-tuning.
     """
     rows = []
     cumulative: dict[str, float] = {}
@@ -93,7 +120,7 @@ def summary_table(stages: list[ChainStage], results: dict[str, dict[str, Any]]) 
         result = results.get(stage.name)
         if result is None or result.get("status") != "done":
             continue
-        row: dict[str, Any] = {"arm": stage.arm, "base": stage.base}
+        row: dict[str, Any] = {"stage": stage.name, "arm": stage.arm, "base": stage.base}
         for column, (section, key) in SUMMARY_COLUMNS.items():
             row[column] = float(result.get(section, {}).get(key, math.nan))
         own_time = 0.0 if math.isnan(row["train_time_s"]) else row["train_time_s"]
@@ -101,7 +128,7 @@ def summary_table(stages: list[ChainStage], results: dict[str, dict[str, Any]]) 
         cumulative[stage.name] = before + own_time
         row["cumulative_train_time_s"] = cumulative[stage.name]
         rows.append(row)
-    columns = ["arm", "base", *SUMMARY_COLUMNS, "cumulative_train_time_s"]
+    columns = ["stage", "arm", "base", *SUMMARY_COLUMNS, "cumulative_train_time_s"]
     table = pd.DataFrame(rows, columns=columns)
     reference = table[table["arm"] == BASE_ARM]
     if not reference.empty:
@@ -128,7 +155,7 @@ def liminal_points(table: pd.DataFrame, tolerance: float = 0.05) -> dict[str, di
         return bool(row["dice"] >= min_dice and edge_ok)
 
     points: dict[str, dict[str, Any] | None] = {}
-    for arm in [BASE_ARM, *ARMS, "any"]:
+    for arm in [BASE_ARM, *ARMS, *FINISHERS, "any"]:
         rows = table if arm == "any" else table[table["arm"] == arm]
         if rows.empty:
             continue
@@ -138,7 +165,8 @@ def liminal_points(table: pd.DataFrame, tolerance: float = 0.05) -> dict[str, di
             continue
         # smallest base; among equals (the two arms at one base) the better Dice
         best = good.sort_values(["base", "dice"], ascending=[True, False]).iloc[0]
-        points[arm] = {"arm": best["arm"], "base": int(best["base"]), "dice": float(best["dice"]),
+        stage = best["stage"] if "stage" in best else f"{best['arm']}-{int(best['base'])}"
+        points[arm] = {"stage": stage, "arm": best["arm"], "base": int(best["base"]), "dice": float(best["dice"]),
                        "edge_case_detection": float(best["edge_case_detection"]),
                        "latency_ms": float(best["latency_ms"]), "size_bytes": float(best["size_bytes"])}
     return points
@@ -154,7 +182,7 @@ def describe_liminal(points: dict[str, dict[str, Any] | None], tolerance: float)
         if point is None:
             lines.append(f"- {arm}: none of its bases qualifies")
         else:
-            lines.append(f"- {arm}: {point['arm']}-{point['base']} (Dice {point['dice']:.4f}, edge-case detection "
+            lines.append(f"- {arm}: {point['stage']} (Dice {point['dice']:.4f}, edge-case detection "
                          f"{point['edge_case_detection']:.3f}, {point['latency_ms']:.2f} ms, "
                          f"{point['size_bytes'] / 1e6:.2f} MB)")
     return "\n".join(lines)

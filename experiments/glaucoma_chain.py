@@ -4,11 +4,15 @@
     python -m experiments.glaucoma_chain data=disc_folder data.root=/data/drions-db
     python -m experiments.glaucoma_chain chain.bases=[64,32,16] chain.arms=[prune]
     python -m experiments.glaucoma_chain resume=true                        # continue an interrupted chain
+    python -m experiments.glaucoma_chain chain.finishers=[qat,share] chain.finish_after=[prune-16]
 
 Iteration 1 trains the first base until its validation Dice is sufficient; the prune arm then prunes
 the previous network by 50% and fine-tunes it, base after base; the distillation arm trains fresh
-networks of the smaller bases from iteration 1's soft masks. Each (arm, base) is a child MLflow run of
-one parent run; the parent gets the summary table and the liminal point.
+networks of the smaller bases from iteration 1's soft masks. Finishers (``chain.finishers``) then fine-tune
+copies of chosen stages with int8 quantization-aware training (an int8 ONNX model) or k-means weight sharing
+(a packed weight file); their ``model/size_bytes`` is that deployable file's size, and a QAT stage's
+``model/latency_ms_*`` is its int8 model's in ONNX Runtime. Each stage is a child MLflow run of one parent
+run; the parent gets the summary table and the liminal point.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from datamodules.errors import DataValidationError
 from datamodules.optic_disc import DiscDataModule
 from experiments.chain_summary import (
     BASE_ARM,
+    FINISHERS,
     ChainStage,
     describe_liminal,
     liminal_points,
@@ -51,11 +56,17 @@ def _stage_module(cfg: DictConfig, stage: ChainStage, results: dict[str, dict[st
         # starts from the previous iteration's network; the StructuredPruning callback halves it
         return instantiate(cfg.model.segmenter, network_path=results[stage.source]["network"], vgg16_weights=None,
                            lr=chain.finetune.lr, pct_start=chain.finetune.pct_start, **kd)
+    if stage.arm in FINISHERS:
+        # a copy of a trained network, fine-tuned gently: it is already good, only the rounding is new
+        tune = chain[stage.arm]
+        return instantiate(cfg.model.segmenter, network_path=results[stage.source]["network"], vgg16_weights=None,
+                           lr=tune.lr, pct_start=tune.pct_start, **kd)
     # a fresh, smaller network: ImageNet VGG16 weights only fit base 64
     return instantiate(cfg.model.segmenter, base=stage.base, vgg16_weights=None, **kd)
 
 
-def _stage_callbacks(cfg: DictConfig, stage: ChainStage, results: dict[str, dict[str, Any]]) -> list[Callback]:
+def _stage_callbacks(cfg: DictConfig, stage: ChainStage, results: dict[str, dict[str, Any]],
+                     stage_dir: Path) -> list[Callback]:
     """The stage's own compression callbacks, in the order they must act on a batch."""
     chain = cfg.chain
     callbacks: list[Callback] = []
@@ -64,7 +75,15 @@ def _stage_callbacks(cfg: DictConfig, stage: ChainStage, results: dict[str, dict
         callbacks.append(instantiate(chain.callbacks.dropout_toggle))
     elif stage.arm == "kd":
         callbacks.append(instantiate(chain.callbacks.distillation, teacher_path=results[stage.source]["network"]))
+    elif stage.arm in FINISHERS:
+        # dropout stays off while the weights learn their rounding (see QuantizationAwareTraining's measurements)
+        callbacks.append(instantiate(chain.callbacks.dropout_toggle, off_epochs=_FOREVER))
+        finisher = chain.callbacks.qat if stage.arm == "qat" else chain.callbacks.weight_sharing
+        callbacks.append(instantiate(finisher, output_dir=str(stage_dir)))
     return callbacks
+
+
+_FOREVER = 10**9
 
 
 def _trainer_overrides(cfg: DictConfig, stage: ChainStage) -> dict[str, Any]:
@@ -82,7 +101,8 @@ def _restore_hard_cases(dm: DiscDataModule, first: ChainStage, results: dict[str
 
 def run_glaucoma_chain(cfg: DictConfig) -> float | None:
     """Run (or resume) the chain; returns the last stage's best validation Dice (for sweepers)."""
-    stages = plan_chain(list(cfg.chain.bases), list(cfg.chain.arms))
+    stages = plan_chain(list(cfg.chain.bases), list(cfg.chain.arms), list(cfg.chain.get("finishers") or []),
+                        list(cfg.chain.get("finish_after") or []))
     run = start_invocation(cfg)
     ctx, dm = run.ctx, run.datamodule
     log.info("Chain of %d stages: %s", len(stages), ", ".join(s.name for s in stages))
@@ -106,9 +126,13 @@ def _run_stage(ctx: RunContext, cfg: DictConfig, stage: ChainStage, dm: DiscData
     module = _stage_module(cfg, stage, results)
     stage_tags = tags | {"arm": stage.arm, "base": str(stage.base)}
     params = {"stage.arm": stage.arm, "stage.base": str(stage.base), "stage.source": stage.source or "(none)"}
+    own_callbacks = _stage_callbacks(cfg, stage, results, ctx.run_dir / stage.name)
+    # A finisher's file is written from its last epoch's weights, so those are the ones tested (its best
+    # checkpoint may be an earlier epoch, and a QAT checkpoint only loads into a QAT-prepared network).
     result = fit_and_test_stage(ctx, stage.name, module, dm, files, stage_tags,
-                                extra_callbacks=_stage_callbacks(cfg, stage, results), extra_params=params,
-                                trainer_overrides=_trainer_overrides(cfg, stage))
+                                extra_callbacks=own_callbacks, extra_params=params,
+                                trainer_overrides=_trainer_overrides(cfg, stage),
+                                test_final_weights=stage.arm in FINISHERS)
     # The tested (best) network, saved whole with its widths: the next iteration starts from it,
     # the distillation arm learns from it, and it reloads without the checkpoint's training state.
     network = ctx.run_dir / stage.name / NETWORK_FILE
@@ -136,7 +160,7 @@ def _log_summary(ctx: RunContext, parent: str, table, tolerance: float) -> None:
                        "cumulative_train_time_s"):
             value = getattr(row, column)
             if value == value:  # not NaN
-                metrics[f"{row.arm}-{row.base}/{column}"] = float(value)
+                metrics[f"{row.stage}/{column}"] = float(value)
     for arm, point in points.items():
         if point is not None:
             metrics[f"liminal/{arm}_base"] = float(point["base"])

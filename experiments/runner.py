@@ -177,8 +177,10 @@ def fit_and_test_stage(
     extra_callbacks: list[Callback] | None = None,
     extra_params: dict[str, str] | None = None,
     trainer_overrides: dict[str, Any] | None = None,
+    test_final_weights: bool = False,
 ) -> dict[str, Any]:
-    """Fit (resuming from ``last.ckpt`` where one exists), test the best checkpoint, record the result.
+    """Fit (resuming from ``last.ckpt`` where one exists), test the best checkpoint (or, with
+    ``test_final_weights``, the weights training ended with), record the result.
 
     ``extra_callbacks`` (a stage's own, e.g. pruning or distillation) run after the configured ones.
     Returns ``{"checkpoint": path, "test": metrics, "report": every callback's report, "best_val": score}``.
@@ -202,7 +204,7 @@ def fit_and_test_stage(
     checkpoint = next((c for c in callbacks if isinstance(c, ModelCheckpoint)), None)
     best = checkpoint.best_model_path if checkpoint is not None else ""
     best_val = float(checkpoint.best_model_score) if checkpoint is not None and checkpoint.best_model_score is not None else None
-    if not best:
+    if not best or test_final_weights:
         # fast_dev_run and runs without a checkpoint callback save nothing: keep the final weights.
         best = str(stage_dir / "checkpoints" / "final.ckpt")
         trainer.save_checkpoint(best)

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from datamodules.dr import DRDataModule
 from datamodules.errors import DataValidationError
 from experiments.runner import RunContext, finishing, fit_and_test_stage, start_invocation
+from lightning_modules.classifier import StudentDistiller
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,14 @@ def _stage_module(cfg: DictConfig, stage: str, dm: DRDataModule, teacher_checkpo
         distill.pop("teacher_checkpoint", None)
         return instantiate(cfg.model.student, class_weights=dm.class_weights, topo_features=dm.topology_dim,
                            teacher_checkpoint=teacher_checkpoint, **distill)
-    raise ValueError(f"unknown stage {stage!r}: stages are 'teacher' and 'student'")
+    raise ValueError(f"unknown stage {stage!r}: stages are 'teacher', 'student' and 'student_qat'")
+
+
+def _student_qat_module(cfg: DictConfig, student_checkpoint: str) -> StudentDistiller:
+    """The trained student, to be fine-tuned with fake quantization (no teacher: it only learns its rounding)."""
+    return StudentDistiller.load_from_checkpoint(student_checkpoint, map_location="cpu", pretrained="none",
+                                                 pretrained_path=None, teacher_checkpoint=None,
+                                                 lr=float(cfg.qat.lr), pct_start=float(cfg.qat.pct_start))
 
 
 def _summary(ctx: RunContext, dm: DRDataModule) -> dict[str, float]:
@@ -62,6 +70,8 @@ def run_dr_distill(cfg: DictConfig) -> float | None:
             if ctx.state.stage_done(stage):
                 log.info("Stage %s already finished in %s: skipping it", stage, ctx.run_dir)
                 result = ctx.state.stages[stage]
+            elif stage == "student_qat":
+                result = _run_student_qat(ctx, cfg, dm, run)
             else:
                 module = _stage_module(cfg, stage, dm, teacher_checkpoint)
                 result = fit_and_test_stage(ctx, stage, module, dm, run.files, run.tags)
@@ -71,6 +81,21 @@ def run_dr_distill(cfg: DictConfig) -> float | None:
         ctx.tracker.log_metrics(run.parent_run_id, summary)
         _print_summary(summary)
     return None if result is None else result.get("best_val")
+
+
+def _run_student_qat(ctx: RunContext, cfg: DictConfig, dm: DRDataModule, run) -> dict:
+    student = ctx.state.stages.get("student", {})
+    if student.get("status") != "done":
+        raise ValueError("stage student_qat fine-tunes the trained student: list it after 'student' in stages, "
+                         "e.g. stages=[teacher,student,student_qat]")
+    module = _student_qat_module(cfg, student["checkpoint"])
+    input_names = ("image", "topo") if module.net.uses_topology else ("image",)
+    qat = instantiate(cfg.qat.callback, output_dir=str(ctx.run_dir / "student_qat"), input_names=input_names)
+    # the int8 file is written from the last epoch's weights, so those are tested
+    result = fit_and_test_stage(ctx, "student_qat", module, dm, run.files, run.tags, extra_callbacks=[qat],
+                                trainer_overrides={"max_epochs": int(cfg.qat.max_epochs)},
+                                test_final_weights=True)
+    return result
 
 
 def _print_summary(summary: dict[str, float]) -> None:

@@ -99,6 +99,40 @@ def test_two_input_network_exports_with_its_input_names(tmp_path: Path):
         export_onnx(net, inputs, tmp_path / "bad.onnx", input_names=["image"], exporter="torchscript")
 
 
+def test_dynamic_spatial_export_runs_at_other_image_sizes(tmp_path: Path):
+    net = tiny_unet()
+    path = export_onnx(net, (torch.rand(1, 3, SIZE, SIZE),), tmp_path / "spatial.onnx", ["image"],
+                       exporter="torchscript", dynamic_spatial=True)
+    session = ort_session(path)
+    assert session.get_inputs()[0].shape == ["batch", 3, "height", "width"]
+    assert session.get_outputs()[0].shape == ["batch", 1, "height", "width"]
+    for height, width in [(64, 64), (48, 80)]:  # larger, and not square: each side has its own symbol
+        images = torch.rand(2, 3, height, width)
+        (logits,) = run_session(session, [images])
+        assert logits.shape == (2, 1, height, width)
+        assert onnx_parity(net, path, (images,)) < 1e-4
+
+
+def test_without_dynamic_spatial_the_size_is_fixed(unet_file):
+    _, path = unet_file  # exported at SIZE x SIZE with only the batch axis symbolic
+    assert ort_session(path).get_inputs()[0].shape == ["batch", 3, SIZE, SIZE]
+    with pytest.raises(Exception, match="(?i)dimension|shape"):
+        run_session(ort_session(path), [torch.rand(1, 3, 2 * SIZE, 2 * SIZE)])
+
+
+def test_dynamic_spatial_leaves_vector_inputs_static_and_needs_an_image(tmp_path: Path):
+    torch.manual_seed(0)
+    net = TwoInputNet().eval()
+    path = export_onnx(net, (torch.rand(1, 3, 8, 8), torch.rand(1, 10)), tmp_path / "two.onnx", ["image", "topo"],
+                       exporter="torchscript", dynamic_spatial=True)
+    image, topo = ort_session(path).get_inputs()
+    assert image.shape == ["batch", 3, "height", "width"] and topo.shape == ["batch", 10]
+    assert onnx_parity(net, path, (torch.rand(3, 3, 16, 24), torch.rand(3, 10))) < 1e-4
+    with pytest.raises(ValueError, match="dynamic_spatial=True needs a .B, C, H, W. image input"):
+        export_onnx(nn.Linear(10, 2), (torch.rand(1, 10),), tmp_path / "vector.onnx", ["topo"],
+                    exporter="torchscript", dynamic_spatial=True)
+
+
 def test_parity_raises_when_the_onnx_weights_differ(tmp_path: Path, unet_file):
     net, path = unet_file
     model = onnx.load(str(path))
@@ -135,3 +169,12 @@ def test_dynamo_exporter_round_trip(tmp_path: Path):
     assert onnx_parity(net, path, (torch.rand(2, 3, SIZE, SIZE),)) < 1e-4
     assert {node.op_type for node in onnx.load(str(path)).graph.node} <= {
         "Conv", "ConvTranspose", "MaxPool", "Relu", "Concat"}
+
+
+@pytest.mark.slow  # the dynamo exporter: see above
+@pytest.mark.skipif(importlib.util.find_spec("onnxscript") is None, reason="dynamo exporter needs onnxscript")
+def test_dynamo_exporter_dynamic_spatial(tmp_path: Path):
+    net = tiny_unet()
+    path = export_onnx(net, (torch.rand(1, 3, SIZE, SIZE),), tmp_path / "dynamo_spatial.onnx", ["image"],
+                       exporter="dynamo", dynamic_spatial=True)
+    assert onnx_parity(net, path, (torch.rand(2, 3, 64, 48),)) < 1e-4

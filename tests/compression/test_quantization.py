@@ -270,7 +270,12 @@ def test_int8_parity_on_hand_made_outputs():
     assert parity["mask_dice_int8_vs_fp32"] == pytest.approx(2 * 1 / (1 + 2))
     assert parity["dice_delta"] == pytest.approx(2 * 1 / (1 + 2) - 2 * 1 / (2 + 2))
     classes = int8_parity(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([[1.0, 0.0], [1.0, 0.5]]))
-    assert classes["top1_agreement"] == 0.5
+    assert classes["agreement"] == 0.5
+    # grades 0,1,2; fp32 predicts them all, int8 says 1 for the 2: quadratic kappa 1 - (1/12) / (1/4) = 2/3
+    one_hot = torch.eye(3)
+    graded = int8_parity(one_hot, one_hot[[0, 1, 1]], torch.tensor([0, 1, 2]))
+    assert graded["qwk_fp32"] == pytest.approx(1.0) and graded["qwk_int8"] == pytest.approx(2 / 3)
+    assert graded["qwk_delta"] == pytest.approx(-1 / 3) and graded["agreement"] == pytest.approx(2 / 3)
 
 
 # ------------------------------------------------------------------------------------------------- callback

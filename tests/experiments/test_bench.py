@@ -1,24 +1,137 @@
+"""``make bench`` in process: a fake trained chain run plus freshly built DR networks, tiny everything."""
+
+from __future__ import annotations
+
+import json
 from pathlib import Path
 
-from hydra.utils import instantiate
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
+from omegaconf import OmegaConf
 
-from experiments.bench import benchmark
-from tests.experiments.helpers import compose_config
+from compression.benchmark import BACKENDS, WEIGHT_SHARED
+from experiments.bench import run_bench
+from lightning_modules.nets.vgg_unet import VGGUNet, save_network
+from tests.experiments.helpers import compose_config, runs_by_name
+
+DISC_MODELS = ["base-8", "prune-4"]
+#: one thread (OpenMP threads wait on each other on this busy 2-core machine), two short timed runs, the
+#: torchscript exporter (the dynamo exporter takes 5-10 s per network here), a 32 px timing size, few
+#: calibration images and tiny timm networks for the fresh DR teacher and student
+FAST = ["debug=tiny", "bench.threads=1", "bench.runs=2", "bench.warmup=0", "bench.pipeline_runs=1",
+        "bench.exporter=torchscript", "bench.disc_image_size=32", "bench.calibration_images=8",
+        "model.teacher.backbone=test_efficientnet", "model.student.backbone=test_efficientnet",
+        "bench.targets.disc_reference=base-8", "bench.targets.disc_pruned=prune-4"]
 
 
-def test_bench_measures_every_model_in_one_run_with_ratios_to_the_teacher(tmp_path: Path, monkeypatch):
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch) -> Path:
     monkeypatch.setenv("PROJECT_ROOT", str(tmp_path))
-    cfg = compose_config("bench", ["debug=tiny", "bench.runs=2", "bench.warmup=0", "bench.pipeline_runs=1"],
-                         tmp_path / "bench")
-    dm = instantiate(cfg.data)
-    dm.setup()
-    table = benchmark(cfg, dm)
-    assert [m.split(" (")[0] for m in table["model"]] == [
-        "teacher", "student CNN+CBAM", "student + topological branch", "topological features alone",
-        "full pipeline",
-    ]
-    assert table.loc[0, "latency_vs_teacher"] == 1.0
-    assert (table["latency_ms_median"] > 0).all() and (table["runs"] >= 1).all()
-    cnn, fused = table.iloc[1], table.iloc[2]
-    assert fused["params"] > cnn["params"]  # the topological MLP adds weights
-    assert table.iloc[4]["latency_ms_median"] > table.iloc[3]["latency_ms_median"]  # pipeline includes topology
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return tmp_path
+
+
+def fake_chain_run(project: Path, networks: dict[str, VGGUNet | None], tracked: bool = True) -> tuple[Path, str]:
+    """A glaucoma-iterations run directory as the chain leaves it (run_state.json, config.yaml, network.pt per
+    stage; None: the stage's network file is missing), with its parent run in the MLflow store if ``tracked``
+    (creating the SQLite store takes seconds)."""
+    run_dir = project / "outputs" / "glaucoma-iterations" / "runs" / "2026-01-01_00-00-00"
+    chain_cfg = compose_config("glaucoma_chain", ["debug=tiny"], run_dir)
+    run_dir.mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create({"data": OmegaConf.to_container(chain_cfg.data, resolve=True)}),
+                   run_dir / "config.yaml")
+    parent = "0" * 32
+    if tracked:
+        client = MlflowClient(str(chain_cfg.logger.tracking_uri))
+        experiment = client.create_experiment("glaucoma-iterations")
+        parent = client.create_run(experiment, tags={MLFLOW_RUN_NAME: "glaucoma-iterations"}).info.run_id
+    stages = {}
+    for name, net in networks.items():
+        path = run_dir / name / "network.pt"
+        if net is not None:
+            save_network(net, path)
+        stages[name] = {"status": "done", "network": str(path), "test": {}}
+    state = {"run_key": "(defaults)", "parent_run_id": parent, "child_run_ids": {}, "stages": stages,
+             "complete": True}
+    (run_dir / "run_state.json").write_text(json.dumps(state))
+    return run_dir, parent
+
+
+def test_bench_measures_every_model_on_every_backend_and_logs_to_both_pipelines(project: Path):
+    # a finisher stage (here without its network file) is not one of the chain's models: it is skipped
+    stages = {"base-8": VGGUNet(base=8), "prune-4": VGGUNet(base=4), "share-prune-4": None}
+    run_dir, chain_parent = fake_chain_run(project, stages)
+    bench_dir = project / "outputs" / "bench" / "runs" / "now"
+    table = run_bench(compose_config("bench", FAST, bench_dir))
+
+    assert {"bench.csv", "bench.md", "pareto.png"} <= {p.name for p in bench_dir.iterdir()}
+    assert (bench_dir / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (bench_dir / "models").exists()  # bench.keep_files=false: only the sizes are kept
+    saved = pd.read_csv(bench_dir / "bench.csv")
+    assert list(saved.columns[:4]) == ["pipeline", "model", "backend", "source"]
+    pairs = set(zip(saved["model"], saved["backend"], strict=True))
+    for model in [*DISC_MODELS, "teacher", "student"]:
+        for backend in [*BACKENDS, WEIGHT_SHARED]:
+            assert (model, backend) in pairs, f"no row for {model} / {backend}"
+    assert {"full pipeline (student)"} == {m for m, b in pairs if b == "ort_int8" and m.startswith("full")}
+    assert any(m.startswith("topological features") for m, _ in pairs)
+    assert saved["error"].isna().all(), saved["error"].dropna().tolist()
+    # the chain's models are the trained ones of the run directory; the DR ones are said to be untrained
+    disc, dr = saved[saved["pipeline"] == "disc"], saved[saved["pipeline"] == "dr"]
+    assert disc["source"].str.contains(str(run_dir)).all() and dr["source"].str.startswith("FRESH").all()
+    assert disc.loc[disc["backend"] == "eager", "model"].tolist() == DISC_MODELS
+    reference = disc[(disc["model"] == "base-8") & (disc["backend"] == "eager")]
+    assert reference["latency_vs_reference"].item() == 1.0 and reference["input_shape"].item() == "1x3x32x32"
+    assert table["quality"].notna().sum() == 4 * 6  # every model x backend row but the clinic rows
+
+    markdown = (bench_dir / "bench.md").read_text()
+    assert "## Targets" in markdown and "base-8" in markdown and "benchmark threads" in markdown
+
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    bench_runs = runs_by_name(client, "bench")
+    (parent,) = [runs[0] for name, runs in bench_runs.items() if name.startswith("bench")]
+    assert parent.info.status == "FINISHED"
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "bench")} == {
+        "bench/bench.csv", "bench/bench.md", "bench/pareto.png"}
+    assert "bench/student/ort_int8/latency_ms_median" in parent.data.metrics
+    assert "cpu.flags_absent" in parent.data.params
+    (child,) = runs_by_name(client, "glaucoma-iterations")["bench"]
+    assert child.data.tags["mlflow.parentRunId"] == chain_parent and child.info.status == "FINISHED"
+    for name in ["bench/base-8/ort_int8/latency_ms_median", "bench/prune-4/bf16/latency_vs_fp32",
+                 "quant/base-8/dice_delta", "quant/prune-4/agreement"]:
+        assert name in child.data.metrics, name
+    assert not any(name.startswith("bench/student") for name in child.data.metrics)  # only its pipeline's rows
+
+
+def test_without_a_chain_run_fresh_networks_of_each_base_are_measured_and_flagged(project: Path):
+    overrides = FAST + ["bench.dr_run_dir=null", "bench.disc.bases=[8,4]", "bench.disc.data.image_size=32",
+                        "bench.disc.data.synthetic_num_images=20", "bench.disc.data.synthetic_raw_size=96",
+                        "bench.disc.data.num_folds=3", "bench.backends=[eager]", "bench.weight_sharing_k=null"]
+    table = run_bench(compose_config("bench", overrides, project / "outputs" / "bench" / "runs" / "fresh"))
+    # one network per base, named after the chain's first stage of that base (kd-4 would be the same net)
+    assert table["model"].tolist() == DISC_MODELS and table["backend"].tolist() == ["eager", "eager"]
+    assert table["source"].str.startswith("FRESH untrained").all()
+    assert table["params"].tolist() == [sum(p.numel() for p in VGGUNet(base=b).parameters()) for b in (8, 4)]
+
+
+def test_a_directory_without_run_state_is_named_with_the_fix(project: Path):
+    empty = project / "not-a-run"
+    empty.mkdir()
+    cfg = compose_config("bench", FAST + [f"bench.chain_run_dir={empty}", "bench.dr_run_dir=null"], project / "b")
+    with pytest.raises(FileNotFoundError, match=r"not-a-run/run_state.json does not exist.*glaucoma-iterations"):
+        run_bench(cfg)
+
+
+def test_a_missing_network_file_is_named_with_the_fix(project: Path):
+    run_dir, _ = fake_chain_run(project, {"base-8": VGGUNet(base=8), "prune-4": None}, tracked=False)
+    cfg = compose_config("bench", FAST + [f"bench.chain_run_dir={run_dir}", "bench.dr_run_dir=null"], project / "b")
+    with pytest.raises(FileNotFoundError, match=r"stage prune-4 .*prune-4/network.pt.*resume="):
+        run_bench(cfg)
+
+
+def test_skipping_both_pipelines_is_an_error(project: Path):
+    cfg = compose_config("bench", FAST + ["bench.chain_run_dir=null", "bench.dr_run_dir=null"], project / "b")
+    with pytest.raises(ValueError, match="both null"):
+        run_bench(cfg)

@@ -56,3 +56,21 @@ def test_liminal_point_is_the_smallest_base_within_tolerance_that_still_detects_
     # kd-16 has the Dice but misses edge cases (0.8 < 0.95); kd-32 too (0.9 < 0.95)
     assert points["kd"] is None
     assert points["any"] == points["prune"]
+
+
+def test_finishers_follow_the_chain_and_are_named_by_their_source():
+    stages = plan_chain([64, 32, 16], ["prune", "kd"], finishers=["qat", "share"], finish_after=["prune-16", "kd-16"])
+    finishers = stages[5:]
+    assert [s.name for s in finishers] == ["qat-prune-16", "qat-kd-16", "share-prune-16", "share-kd-16"]
+    assert all(s.base == 16 for s in finishers) and finishers[1].source == "kd-16"
+    every = plan_chain([64, 32], ["prune"], finishers=["share"], finish_after=["all"])
+    assert [s.name for s in every] == ["base-64", "prune-32", "share-base-64", "share-prune-32"]
+
+
+def test_finishers_need_stages_the_chain_runs():
+    with pytest.raises(ValueError, match="finish_after"):
+        plan_chain([64, 32], ["prune"], finishers=["qat"])
+    with pytest.raises(ValueError, match="kd-32"):
+        plan_chain([64, 32], ["prune"], finishers=["qat"], finish_after=["kd-32"])
+    with pytest.raises(ValueError, match="unknown finisher"):
+        plan_chain([64, 32], ["prune"], finishers=["prune"], finish_after=["prune-32"])

@@ -86,3 +86,24 @@ def test_fast_dev_run_of_the_chain(project: Path):
     run_glaucoma_chain(compose_config("glaucoma_chain", ["debug=fast_dev_run", "chain.bases=[64,32]"], run_dir))
     state = json.loads((run_dir / "run_state.json").read_text())
     assert state["complete"] and list(state["stages"]) == ["base-64", "prune-32", "kd-32"]
+
+
+def test_finishers_write_int8_and_packed_files_and_report_their_sizes(project: Path):
+    run_dir = project / "fin"
+    overrides = [*TINY, "chain.bases=[16,8]", "chain.arms=[prune]", "chain.finishers=[qat,share]",
+                 "chain.finish_after=[prune-8]", "chain.max_epochs.qat=1", "chain.max_epochs.share=1",
+                 # an almost untrained tiny network: its int8 masks need not agree with fp32's
+                 "chain.callbacks.qat.min_mask_dice=0", "chain.callbacks.qat.max_mean_abs_logit_diff=100"]
+    run_glaucoma_chain(compose_config("glaucoma_chain", overrides, run_dir))
+    state = json.loads((run_dir / "run_state.json").read_text())
+    assert list(state["stages"]) == ["base-16", "prune-8", "qat-prune-8", "share-prune-8"]
+    qat, share = state["stages"]["qat-prune-8"]["report"], state["stages"]["share-prune-8"]["report"]
+    assert qat["model/size_bytes"] == (run_dir / "qat-prune-8" / "model_int8.onnx").stat().st_size
+    assert "model/fp32_latency_ms_median" in qat and "quant/mask_dice_int8_vs_fp32" in qat
+    assert share["model/size_bytes"] == (run_dir / "share-prune-8" / "model.rcws").stat().st_size
+    assert share["model/size_bytes"] < share["model/fp32_size_bytes"]
+    table = pd.read_csv(run_dir / "summary.csv")
+    assert list(table["stage"]) == ["base-16", "prune-8", "qat-prune-8", "share-prune-8"]
+    assert load_network(run_dir / "share-prune-8" / "network.pt").base == 8
+    runs = _runs(project)
+    assert runs["qat-prune-8"][0].data.metrics["model/size_bytes"] == qat["model/size_bytes"]

@@ -103,3 +103,22 @@ def test_student_stage_alone_with_distillation_needs_a_teacher(project: Path):
     cfg = compose_config("train_dr", [*FAST, "stages=[student]"], project / "out")
     with pytest.raises(ValueError, match="distill.teacher_checkpoint"):
         run_dr_distill(cfg)
+
+
+def test_student_qat_stage_writes_an_int8_student_and_reports_it(project: Path):
+    run_dir = project / "qat"
+    overrides = [*TINY, "stages=[teacher,student,student_qat]", "qat.max_epochs=1",
+                 # an almost untrained tiny student: its int8 logits need not stay close to fp32's
+                 "qat.callback.max_mean_abs_logit_diff=100"]
+    run_dr_distill(compose_config("train_dr", overrides, run_dir))
+    state = json.loads((run_dir / "run_state.json").read_text())
+    report = state["stages"]["student_qat"]["report"]
+    int8 = run_dir / "student_qat" / "student_int8.onnx"
+    assert report["model/size_bytes"] == int8.stat().st_size < report["model/fp32_size_bytes"]
+    assert {"quant/agreement", "quant/qwk_delta", "model/fp32_latency_ms_median"} <= set(report)
+    assert "test/qwk" in state["stages"]["student_qat"]["test"]
+
+
+def test_student_qat_needs_a_trained_student(project: Path):
+    with pytest.raises(ValueError, match="after 'student'"):
+        run_dr_distill(compose_config("train_dr", [*TINY, "stages=[teacher,student_qat]"], project / "q"))
