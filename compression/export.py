@@ -133,6 +133,23 @@ def export_onnx(
     return path
 
 
+class _WarningsOnly(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING
+
+
+def quiet_onnx_tool_logs() -> None:
+    """Keep the ONNX tools' warnings, drop their INFO pages: ONNX Runtime's quantizer logs through the root
+    logger itself, one line per rescaled weight channel (hundreds per EfficientNet), and the dynamo exporter's
+    optimiser passes (``onnxscript``, ``onnx_ir``) a page per network. Call once from an entry point (a filter
+    on the root logger sees only records logged on it directly, not those of named loggers)."""
+    root = logging.getLogger()
+    if not any(isinstance(f, _WarningsOnly) for f in root.filters):
+        root.addFilter(_WarningsOnly())
+    for chatty in ("onnxscript", "onnx_ir"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
+
+
 def _symbolic_axes(rank: int, dynamic_batch: bool, dynamic_spatial: bool) -> list[int]:
     """The axes of a tensor of this rank that are symbolic in the export."""
     axes = [0] if dynamic_batch and rank >= 1 else []

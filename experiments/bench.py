@@ -52,7 +52,7 @@ from compression.benchmark import (
     pareto_plot,
     torch_threads,
 )
-from compression.export import as_ort_array, ort_session
+from compression.export import as_ort_array, ort_session, quiet_onnx_tool_logs
 from compression.packed_format import vgg_unet_architecture
 from datamodules.dr import DRDataModule
 from datamodules.fundus import read_rgb
@@ -489,20 +489,9 @@ def run_bench(cfg: DictConfig) -> pd.DataFrame:
     return table
 
 
-class _DropRootInfo(logging.Filter):
-    """ONNX Runtime's quantizer logs through the root logger itself, at INFO, one line per rescaled weight
-    channel (hundreds per EfficientNet): keep its warnings, drop that noise."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.WARNING
-
-
 @hydra.main(version_base="1.3", config_path="conf", config_name="bench")
 def main(cfg: DictConfig) -> None:
-    # a filter on the root logger sees only the records logged on it directly, not those of named loggers
-    logging.getLogger().addFilter(_DropRootInfo())
-    for chatty in ("onnxscript", "onnx_ir"):  # the dynamo exporter's optimiser passes, a page per network
-        logging.getLogger(chatty).setLevel(logging.WARNING)
+    quiet_onnx_tool_logs()
     run_bench(cfg)
 
 

@@ -27,6 +27,7 @@ from hydra.utils import instantiate
 from lightning import Callback
 from omegaconf import DictConfig
 
+from compression.export import quiet_onnx_tool_logs
 from datamodules.errors import DataValidationError
 from datamodules.optic_disc import DiscDataModule
 from experiments.chain_summary import (
@@ -170,6 +171,7 @@ def _log_summary(ctx: RunContext, parent: str, table, tolerance: float) -> None:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="glaucoma_chain")
 def main(cfg: DictConfig) -> float | None:
+    quiet_onnx_tool_logs()  # int8 export (student_qat, qat finishers) would print pages
     try:
         return run_glaucoma_chain(cfg)
     except DataValidationError as error:

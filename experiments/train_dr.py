@@ -15,6 +15,7 @@ import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from compression.export import quiet_onnx_tool_logs
 from datamodules.dr import DRDataModule
 from datamodules.errors import DataValidationError
 from experiments.runner import RunContext, finishing, fit_and_test_stage, start_invocation
@@ -106,6 +107,7 @@ def _print_summary(summary: dict[str, float]) -> None:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train_dr")
 def main(cfg: DictConfig) -> float | None:
+    quiet_onnx_tool_logs()  # int8 export (student_qat, qat finishers) would print pages
     try:
         return run_dr_distill(cfg)
     except DataValidationError as error:
