@@ -12,7 +12,7 @@ from torch import Tensor
 
 from callbacks.quantization_aware_training import QuantizationAwareTraining
 from callbacks.weight_sharing import WeightSharing
-from compression.export import ort_session, run_session
+from compression.export import as_ort_array, ort_session
 from lightning_modules.profiling import (
     LatencyStats,
     count_macs,
@@ -127,5 +127,7 @@ def deployed_report(callbacks: Sequence[Callback], inputs: tuple[Tensor, ...], r
 
 
 def _onnx_latency(path: Path, inputs: tuple[Tensor, ...], runs: int, warmup: int) -> LatencyStats:
+    """ONNX Runtime's latency alone: the feed is converted once, outside the timing, as ``make bench`` does."""
     session = ort_session(path, threads=torch.get_num_threads())
-    return measure_latency(lambda: run_session(session, inputs), runs=runs, warmup=warmup)
+    feed = {node.name: as_ort_array(value) for node, value in zip(session.get_inputs(), inputs, strict=True)}
+    return measure_latency(lambda: session.run(None, feed), runs=runs, warmup=warmup)

@@ -34,7 +34,7 @@ class QuantizationAwareTraining(Callback):
     loader. The results go to ``self.report`` and every logger as ``quant/*``: ``int8_size_bytes``,
     ``fp32_size_bytes``, ``mean_abs_logit_diff``, ``max_abs_logit_diff``, and for one-channel mask logits
     ``mask_dice_int8_vs_fp32`` and, when batches carry ``target_key`` (``mask``), ``dice_delta`` (pooled Dice against the
-    masks, int8 minus fp32); for class logits ``agreement`` and, when batches carry ``label``, ``qwk_delta``.
+    masks, int8 minus fp32); for class logits ``agreement`` and, with ``target_key="label"``, ``qwk_delta``.
 
     Afterwards ``pl_module.net`` is the plain fp32 network with the QAT weights. If the int8 model drifts
     beyond ``max_mean_abs_logit_diff`` or (masks) below ``min_mask_dice``, or the export fails,
@@ -109,6 +109,7 @@ class QuantizationAwareTraining(Callback):
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.fp32_net is None:
             return
+        self.int8_path = None
         net = pl_module.net
         device = next(net.parameters()).device
         try:
@@ -122,14 +123,13 @@ class QuantizationAwareTraining(Callback):
                                          max_batches=self.parity_batches, threads=self.threads)
             net.to(device)
         except Exception:
-            self.int8_path = None
             self._restore(pl_module, device)
             raise
         self.report = {"quant/int8_size_bytes": float(exported.int8_bytes),
                        "quant/fp32_size_bytes": float(exported.fp32_bytes),
                        "quant/calibration_images": float(exported.calibration_images)}
         self.report |= {f"quant/{key}": value for key, value in parity.items()
-                        if key not in ("dice_fp32", "dice_int8")}
+                        if key not in ("dice_fp32", "dice_int8", "qwk_fp32", "qwk_int8")}
         for logger in trainer.loggers:
             logger.log_metrics(self.report, step=trainer.global_step)
         problems = self._parity_problems(parity)

@@ -74,6 +74,9 @@ def _plan_finishers(stages: list[ChainStage], finishers: list[str], finish_after
     if unknown:
         raise ValueError(f"chain.finishers has unknown finisher(s) {unknown}: choose from {list(FINISHERS)}")
     if not finishers:
+        if finish_after:
+            raise ValueError(f"chain.finish_after={finish_after} without chain.finishers: name what to do to "
+                             "them, e.g. chain.finishers=[qat,share]")
         return []
     by_name = {stage.name: stage for stage in stages}
     names = list(by_name) if ALL_STAGES in finish_after else list(finish_after)
@@ -165,6 +168,7 @@ def liminal_points(table: pd.DataFrame, tolerance: float = 0.05) -> dict[str, di
             continue
         # smallest base; among equals (the two arms at one base) the better Dice
         best = good.sort_values(["base", "dice"], ascending=[True, False]).iloc[0]
+        # tables written before finishers existed have no stage column
         stage = best["stage"] if "stage" in best else f"{best['arm']}-{int(best['base'])}"
         points[arm] = {"stage": stage, "arm": best["arm"], "base": int(best["base"]), "dice": float(best["dice"]),
                        "edge_case_detection": float(best["edge_case_detection"]),

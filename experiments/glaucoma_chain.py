@@ -18,6 +18,7 @@ run; the parent gets the summary table and the liminal point.
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,13 @@ from lightning_modules.segmenter import DiscSegmenter
 log = logging.getLogger(__name__)
 
 NETWORK_FILE = "network.pt"
+
+
+#: DropoutToggle's off_epochs for a stage that never turns dropout back on
+_FOREVER = 10**9
+#: A finisher starts from a network that is already sufficient: it fine-tunes its configured epochs (weight
+#: sharing reclusters between them) instead of stopping after the first, and still reports epochs and time.
+_FINISHER_OVERRIDES = {"train_until_sufficient": {"target": math.inf}}
 
 
 def _stage_module(cfg: DictConfig, stage: ChainStage, results: dict[str, dict[str, Any]]) -> DiscSegmenter:
@@ -83,8 +91,6 @@ def _stage_callbacks(cfg: DictConfig, stage: ChainStage, results: dict[str, dict
         callbacks.append(instantiate(finisher, output_dir=str(stage_dir)))
     return callbacks
 
-
-_FOREVER = 10**9
 
 
 def _trainer_overrides(cfg: DictConfig, stage: ChainStage) -> dict[str, Any]:
@@ -133,7 +139,8 @@ def _run_stage(ctx: RunContext, cfg: DictConfig, stage: ChainStage, dm: DiscData
     result = fit_and_test_stage(ctx, stage.name, module, dm, files, stage_tags,
                                 extra_callbacks=own_callbacks, extra_params=params,
                                 trainer_overrides=_trainer_overrides(cfg, stage),
-                                test_final_weights=stage.arm in FINISHERS)
+                                test_final_weights=stage.arm in FINISHERS,
+                                callback_overrides=_FINISHER_OVERRIDES if stage.arm in FINISHERS else None)
     # The tested (best) network, saved whole with its widths: the next iteration starts from it,
     # the distillation arm learns from it, and it reloads without the checkpoint's training state.
     network = ctx.run_dir / stage.name / NETWORK_FILE
@@ -171,7 +178,7 @@ def _log_summary(ctx: RunContext, parent: str, table, tolerance: float) -> None:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="glaucoma_chain")
 def main(cfg: DictConfig) -> float | None:
-    quiet_onnx_tool_logs()  # int8 export (student_qat, qat finishers) would print pages
+    quiet_onnx_tool_logs()  # the qat finishers' int8 export would print pages
     try:
         return run_glaucoma_chain(cfg)
     except DataValidationError as error:

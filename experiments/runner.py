@@ -151,13 +151,15 @@ def config_params(cfg: DictConfig) -> dict[str, str]:
     return flatten_params(container)
 
 
-def build_callbacks(callbacks_cfg: DictConfig, stage_dir: Path) -> list[Callback]:
-    """Instantiate the callbacks group; ``dirpath``/``weights_dir`` keys get this stage's folders."""
+def build_callbacks(callbacks_cfg: DictConfig, stage_dir: Path,
+                    overrides: dict[str, dict[str, Any]] | None = None) -> list[Callback]:
+    """Instantiate the callbacks group, each with its ``overrides[name]`` arguments; ``dirpath``/``weights_dir``
+    keys get this stage's folders."""
     callbacks = []
     for name, node in (callbacks_cfg or {}).items():
         if node is None or "_target_" not in node:
             continue
-        extra: dict[str, Any] = {}
+        extra: dict[str, Any] = dict((overrides or {}).get(name, {}))
         if "dirpath" in node:
             extra["dirpath"] = str(stage_dir / "checkpoints")
         if "weights_dir" in node:
@@ -178,11 +180,13 @@ def fit_and_test_stage(
     extra_params: dict[str, str] | None = None,
     trainer_overrides: dict[str, Any] | None = None,
     test_final_weights: bool = False,
+    callback_overrides: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Fit (resuming from ``last.ckpt`` where one exists), test the best checkpoint (or, with
     ``test_final_weights``, the weights training ended with), record the result.
 
-    ``extra_callbacks`` (a stage's own, e.g. pruning or distillation) run after the configured ones.
+    ``extra_callbacks`` (a stage's own, e.g. pruning or distillation) run after the configured ones, which get
+    ``callback_overrides[<key in the callbacks group>]`` as extra arguments.
     Returns ``{"checkpoint": path, "test": metrics, "report": every callback's report, "best_val": score}``.
     """
     cfg = ctx.cfg
@@ -190,7 +194,7 @@ def fit_and_test_stage(
     # Lightning's log_model would upload best *and* last checkpoint; only the best one is worth keeping.
     logger = ctx.tracker.child_logger(stage, extra_tags, log_model=False)
     ctx.tracker.log_context(logger.run_id, config_params(cfg) | (extra_params or {}), context_files)
-    callbacks = build_callbacks(cfg.callbacks, stage_dir) + list(extra_callbacks or [])
+    callbacks = build_callbacks(cfg.callbacks, stage_dir, callback_overrides) + list(extra_callbacks or [])
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger,
                                      default_root_dir=str(stage_dir), **(trainer_overrides or {}))
     last = stage_dir / "checkpoints" / "last.ckpt"
@@ -205,7 +209,8 @@ def fit_and_test_stage(
     best = checkpoint.best_model_path if checkpoint is not None else ""
     best_val = float(checkpoint.best_model_score) if checkpoint is not None and checkpoint.best_model_score is not None else None
     if not best or test_final_weights:
-        # fast_dev_run and runs without a checkpoint callback save nothing: keep the final weights.
+        # fast_dev_run and runs without a checkpoint callback save nothing, and a stage whose deployable file
+        # is written from its last epoch must be tested on that epoch's weights: keep the final weights.
         best = str(stage_dir / "checkpoints" / "final.ckpt")
         trainer.save_checkpoint(best)
         trainer.test(module, datamodule=datamodule)

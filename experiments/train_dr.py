@@ -63,6 +63,9 @@ def run_dr_distill(cfg: DictConfig) -> float | None:
     if "student" in stages and "teacher" not in stages and teacher_checkpoint is None and cfg.distill.alpha_end > 0:
         raise ValueError("stages=[student] with distillation needs distill.teacher_checkpoint=<teacher .ckpt>; "
                          "or use distill=none (experiment=dr_student_only) to train the student alone")
+    if "student_qat" in stages and ("student" not in stages or stages.index("student") > stages.index("student_qat")):
+        raise ValueError("stage student_qat fine-tunes the trained student: list it after 'student' in stages, "
+                         "e.g. stages=[teacher,student,student_qat]")
     run = start_invocation(cfg)
     ctx, dm = run.ctx, run.datamodule
     result = None
@@ -85,18 +88,13 @@ def run_dr_distill(cfg: DictConfig) -> float | None:
 
 
 def _run_student_qat(ctx: RunContext, cfg: DictConfig, dm: DRDataModule, run) -> dict:
-    student = ctx.state.stages.get("student", {})
-    if student.get("status") != "done":
-        raise ValueError("stage student_qat fine-tunes the trained student: list it after 'student' in stages, "
-                         "e.g. stages=[teacher,student,student_qat]")
-    module = _student_qat_module(cfg, student["checkpoint"])
+    module = _student_qat_module(cfg, ctx.state.stages["student"]["checkpoint"])
     input_names = ("image", "topo") if module.net.uses_topology else ("image",)
     qat = instantiate(cfg.qat.callback, output_dir=str(ctx.run_dir / "student_qat"), input_names=input_names)
     # the int8 file is written from the last epoch's weights, so those are tested
-    result = fit_and_test_stage(ctx, "student_qat", module, dm, run.files, run.tags, extra_callbacks=[qat],
+    return fit_and_test_stage(ctx, "student_qat", module, dm, run.files, run.tags, extra_callbacks=[qat],
                                 trainer_overrides={"max_epochs": int(cfg.qat.max_epochs)},
                                 test_final_weights=True)
-    return result
 
 
 def _print_summary(summary: dict[str, float]) -> None:
@@ -107,7 +105,7 @@ def _print_summary(summary: dict[str, float]) -> None:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train_dr")
 def main(cfg: DictConfig) -> float | None:
-    quiet_onnx_tool_logs()  # int8 export (student_qat, qat finishers) would print pages
+    quiet_onnx_tool_logs()  # the student_qat stage's int8 export would print pages
     try:
         return run_dr_distill(cfg)
     except DataValidationError as error:

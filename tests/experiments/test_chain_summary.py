@@ -74,3 +74,8 @@ def test_finishers_need_stages_the_chain_runs():
         plan_chain([64, 32], ["prune"], finishers=["qat"], finish_after=["kd-32"])
     with pytest.raises(ValueError, match="unknown finisher"):
         plan_chain([64, 32], ["prune"], finishers=["prune"], finish_after=["prune-32"])
+
+
+def test_finish_after_without_finishers_is_an_error():
+    with pytest.raises(ValueError, match="without chain.finishers"):
+        plan_chain([64, 32], ["prune"], finish_after=["prune-32"])

@@ -91,7 +91,7 @@ def test_fast_dev_run_of_the_chain(project: Path):
 def test_finishers_write_int8_and_packed_files_and_report_their_sizes(project: Path):
     run_dir = project / "fin"
     overrides = [*TINY, "chain.bases=[16,8]", "chain.arms=[prune]", "chain.finishers=[qat,share]",
-                 "chain.finish_after=[prune-8]", "chain.max_epochs.qat=1", "chain.max_epochs.share=1",
+                 "chain.finish_after=[prune-8]", "chain.max_epochs.qat=1", "chain.max_epochs.share=2",
                  # an almost untrained tiny network: its int8 masks need not agree with fp32's
                  "chain.callbacks.qat.min_mask_dice=0", "chain.callbacks.qat.max_mean_abs_logit_diff=100"]
     run_glaucoma_chain(compose_config("glaucoma_chain", overrides, run_dir))
@@ -102,6 +102,7 @@ def test_finishers_write_int8_and_packed_files_and_report_their_sizes(project: P
     assert "model/fp32_latency_ms_median" in qat and "quant/mask_dice_int8_vs_fp32" in qat
     assert share["model/size_bytes"] == (run_dir / "share-prune-8" / "model.rcws").stat().st_size
     assert share["model/size_bytes"] < share["model/fp32_size_bytes"]
+    assert share["chain/epochs"] == 2  # a finisher fine-tunes its epochs, however good its source already is
     table = pd.read_csv(run_dir / "summary.csv")
     assert list(table["stage"]) == ["base-16", "prune-8", "qat-prune-8", "share-prune-8"]
     assert load_network(run_dir / "share-prune-8" / "network.pt").base == 8
