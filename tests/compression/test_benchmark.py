@@ -29,30 +29,14 @@ from compression.benchmark import (
     segmentation_quality,
     torch_threads,
 )
-from lightning_modules.nets.vgg_unet import VGGUNet
+from tests.compression.helpers import tiny_unet
 
 SIZE = 32
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny networks gain nothing from a second thread on this busy 2-core machine (see test_export.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
-def tiny_unet(base: int = 4) -> VGGUNet:
-    """A VGGUNet whose masks vary with the input (He init, zero head bias; see test_export.tiny_unet)."""
-    torch.manual_seed(0)
-    net = VGGUNet(base=base)
-    for module in net.modules():
-        if isinstance(module, nn.Conv2d | nn.ConvTranspose2d):
-            nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-    nn.init.zeros_(net.head.bias)
-    return net.eval()
 
 
 class TinyGrader(nn.Module):

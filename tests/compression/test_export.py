@@ -21,37 +21,13 @@ from compression.export import (
     run_session,
 )
 from lightning_modules.nets.vgg_unet import VGGUNet
+from tests.compression.helpers import tiny_unet
 
 SIZE = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny networks gain nothing from a second thread, and on a busy 2-core machine OpenMP's waiting made
-    a 3-step fine-tune take 12 s instead of 0.2 s."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
-def tiny_unet(base: int = 4) -> VGGUNet:
-    """A VGGUNet in eval mode whose logits vary with the input, with non-trivial BatchNorm statistics (export
-    folds them into the convs).
-
-    He initialisation keeps the signal alive through the 19 conv layers; with PyTorch's default init (and the
-    prior-initialised head bias) a random network's logits are nearly constant (std 0.004 around -3.9).
-    """
-    torch.manual_seed(0)
-    net = VGGUNet(base=base)
-    for module in net.modules():
-        if isinstance(module, nn.Conv2d | nn.ConvTranspose2d):
-            nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-        elif isinstance(module, nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.2, 0.2)
-            module.running_var.uniform_(0.5, 2.0)
-    nn.init.zeros_(net.head.bias)
-    return net.eval()
 
 
 class TwoInputNet(nn.Module):

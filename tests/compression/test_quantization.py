@@ -34,32 +34,13 @@ from compression.quantization import (
 )
 from lightning_modules.nets.vgg_unet import VGGUNet
 from lightning_modules.segmenter import DiscSegmenter
+from tests.compression.helpers import tiny_unet
 
 SIZE = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny networks gain nothing from a second thread, and on a busy 2-core machine OpenMP's waiting made
-    a 3-step fine-tune take 12 s instead of 0.2 s."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
-def tiny_unet(base: int = 8) -> VGGUNet:
-    """A VGGUNet in eval mode whose logits vary with the input (He init; zero head bias), BN statistics set."""
-    torch.manual_seed(0)
-    net = VGGUNet(base=base)
-    for module in net.modules():
-        if isinstance(module, nn.Conv2d | nn.ConvTranspose2d):
-            nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-        elif isinstance(module, nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.2, 0.2)
-            module.running_var.uniform_(0.5, 2.0)
-    nn.init.zeros_(net.head.bias)
-    return net.eval()
 
 
 def images(count: int, seed: int) -> torch.Tensor:
@@ -80,7 +61,7 @@ def logits(net: nn.Module, batch: torch.Tensor) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def int8_unet(tmp_path_factory):
-    net = tiny_unet()
+    net = tiny_unet(base=8)
     calibration = [images(4, seed) for seed in range(4)]
     exported = quantize_model_int8(net, (calibration[0][:1],), calibration, tmp_path_factory.mktemp("int8"),
                                    input_names=["image"], exporter="torchscript")
@@ -172,7 +153,7 @@ def test_onnx_graph_without_weights_is_rejected(tmp_path: Path):
 
 # ------------------------------------------------------------------------------------------------------ bf16
 def test_bf16_copy_folds_batchnorm_and_matches_fp32():
-    net = tiny_unet()
+    net = tiny_unet(base=8)
     fast = bf16_module(net)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in fast.modules())
     assert fast.model.head.weight.dtype == torch.bfloat16
@@ -189,7 +170,7 @@ def test_bf16_copy_folds_batchnorm_and_matches_fp32():
 
 
 def test_batchnorm_folding_is_exact_in_fp32_and_needs_eval_mode():
-    net = tiny_unet()
+    net = tiny_unet(base=8)
     folded = fold_batchnorm(copy.deepcopy(net))
     batch = images(2, seed=6)
     np.testing.assert_allclose(logits(folded, batch), logits(net, batch), atol=1e-5)
@@ -215,7 +196,7 @@ def test_activation_fake_quant_matches_onnx_runtime_uint8_arithmetic():
 
 
 def test_prepare_qat_copies_quantizes_weights_per_channel_and_calibrates_inputs():
-    net = tiny_unet()
+    net = tiny_unet(base=8)
     before = copy.deepcopy(net.state_dict())
     calibration = images(4, seed=1)
     qat = prepare_qat(net, [calibration])
@@ -236,7 +217,7 @@ def test_prepare_qat_copies_quantizes_weights_per_channel_and_calibrates_inputs(
 
 
 def test_qat_fine_tunes_then_exports_int8_that_follows_the_fp32_network(tmp_path: Path):
-    net = tiny_unet()
+    net = tiny_unet(base=8)
     calibration = [images(4, seed) for seed in range(4)]
     qat = prepare_qat(net, calibration[:1]).train()
     qat.set_dropout(False)
