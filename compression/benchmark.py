@@ -41,7 +41,6 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from sklearn.metrics import cohen_kappa_score
 from torch import Tensor, nn
 
 from compression.export import Exporter, as_ort_array, export_onnx, ort_session
@@ -51,6 +50,7 @@ from compression.quantization import (
     bf16_module,
     calibration_feeds,
     check_quantizable,
+    quadratic_weighted_kappa,
     quantize_onnx_static,
 )
 from compression.weight_sharing import share_weights
@@ -170,13 +170,13 @@ def _dice_scores(predicted: Tensor, target: Tensor) -> dict[str, float]:
 
 
 def grading_quality(logits: Tensor, labels: Tensor, reference_logits: Tensor | None = None) -> dict[str, float]:
-    """QWK (scikit-learn's ``cohen_kappa_score(weights="quadratic")``) of the top-1 grades of (B, C) ``logits``;
+    """QWK (``compression.quantization.quadratic_weighted_kappa``) of the top-1 grades of (B, C) ``logits``;
     with ``reference_logits`` also ``agreement``: the fraction of images given the reference's grade."""
     predicted = logits.argmax(1).cpu().numpy()
     truth = labels.reshape(-1).cpu().numpy()
     if len(predicted) != len(truth):
         raise ValueError(f"{len(predicted)} predictions for {len(truth)} labels")
-    results = {"qwk": float(cohen_kappa_score(truth, predicted, weights="quadratic"))}
+    results = {"qwk": quadratic_weighted_kappa(labels.reshape(-1), logits.argmax(1), logits.shape[1])}
     if reference_logits is not None:
         results["agreement"] = float(np.mean(predicted == reference_logits.argmax(1).cpu().numpy()))
     return results

@@ -581,14 +581,18 @@ def int8_parity(
         fp32_class, int8_class = reference.argmax(1), quantized.argmax(1)
         results["agreement"] = float((fp32_class == int8_class).float().mean())
         if target_masks is not None:
-            labels = target_masks.detach().cpu().reshape(-1).long().numpy()
-            classes = list(range(reference.shape[1]))
-            results["qwk_fp32"] = float(cohen_kappa_score(labels, fp32_class.numpy(), labels=classes,
-                                                          weights="quadratic"))
-            results["qwk_int8"] = float(cohen_kappa_score(labels, int8_class.numpy(), labels=classes,
-                                                          weights="quadratic"))
+            labels = target_masks.detach().cpu().reshape(-1)
+            results["qwk_fp32"] = quadratic_weighted_kappa(labels, fp32_class, reference.shape[1])
+            results["qwk_int8"] = quadratic_weighted_kappa(labels, int8_class, reference.shape[1])
             results["qwk_delta"] = results["qwk_int8"] - results["qwk_fp32"]
     return results
+
+
+def quadratic_weighted_kappa(labels: Tensor, predicted: Tensor, num_classes: int) -> float:
+    """Cohen's kappa with quadratic weights over the grades 0..num_classes-1 (the class list is passed so that a
+    grade absent from both labels and predictions still counts in the weights)."""
+    return float(cohen_kappa_score(labels.cpu().long().numpy(), predicted.cpu().long().numpy(),
+                                   labels=list(range(num_classes)), weights="quadratic"))
 
 
 def measure_int8_parity(
