@@ -108,3 +108,14 @@ def test_finishers_write_int8_and_packed_files_and_report_their_sizes(project: P
     assert load_network(run_dir / "share-prune-8" / "network.pt").base == 8
     runs = _runs(project)
     assert runs["qat-prune-8"][0].data.metrics["model/size_bytes"] == qat["model/size_bytes"]
+
+    # the process died after share-prune-8's last epoch, before its packed file: a resume writes it
+    packed = run_dir / "share-prune-8" / "model.rcws"
+    packed.unlink()
+    state["stages"]["share-prune-8"] = {"status": "running"}
+    state["complete"] = False
+    (run_dir / "run_state.json").write_text(json.dumps(state))
+    run_glaucoma_chain(compose_config("glaucoma_chain", [*overrides, f"resume={run_dir}"], project / "again"))
+    resumed = json.loads((run_dir / "run_state.json").read_text())
+    assert resumed["complete"] and resumed["stages"]["share-prune-8"]["report"]["model/size_bytes"] == (
+        packed.stat().st_size)
