@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
 from lightning_modules.nets.vgg_unet import VGGUNet
 
@@ -25,3 +26,17 @@ def tiny_unet(base: int = 4) -> VGGUNet:
             module.running_var.uniform_(0.5, 2.0)
     nn.init.zeros_(net.head.bias)
     return net.eval()
+
+
+class DiscBatches(Dataset):
+    """Image/mask pairs served as the optic-disc datamodule's dict samples (``image``, ``mask``, ``index``)."""
+
+    def __init__(self, images: torch.Tensor, masks: torch.Tensor):
+        self.images = images
+        self.masks = masks
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"image": self.images[index], "mask": self.masks[index], "index": torch.tensor(index)}

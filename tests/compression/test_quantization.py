@@ -14,7 +14,7 @@ from lightning.pytorch.loggers import Logger
 from onnx import TensorProto
 from torch import nn
 from torch.nn.utils import parametrize
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from callbacks.quantization_aware_training import QuantizationAwareTraining
 from compression.export import export_onnx, ort_session, run_session
@@ -34,7 +34,7 @@ from compression.quantization import (
 )
 from lightning_modules.nets.vgg_unet import VGGUNet
 from lightning_modules.segmenter import DiscSegmenter
-from tests.compression.helpers import tiny_unet
+from tests.compression.helpers import DiscBatches, tiny_unet
 
 SIZE = 32
 
@@ -260,27 +260,20 @@ def test_int8_parity_on_hand_made_outputs():
 
 
 # ------------------------------------------------------------------------------------------------- callback
-class _Discs(Dataset):
-    def __init__(self, count: int, seed: int):
-        self.images = images(count, seed)
-        self.masks = (self.images[:, :1] > 0.5).float()
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> dict:
-        return {"image": self.images[index], "mask": self.masks[index], "index": torch.tensor(index)}
+def _discs(count: int, seed: int) -> DiscBatches:
+    smooth = images(count, seed)
+    return DiscBatches(smooth, (smooth[:, :1] > 0.5).float())
 
 
 class _DiscData(LightningDataModule):
     def train_dataloader(self):
-        return DataLoader(_Discs(8, seed=0), batch_size=4)
+        return DataLoader(_discs(8, seed=0), batch_size=4)
 
     def calibration_dataloader(self):
-        return DataLoader(_Discs(8, seed=1), batch_size=4)
+        return DataLoader(_discs(8, seed=1), batch_size=4)
 
     def val_dataloader(self):
-        return DataLoader(_Discs(4, seed=2), batch_size=4)
+        return DataLoader(_discs(4, seed=2), batch_size=4)
 
 
 class _Recording(Logger):

@@ -12,7 +12,7 @@ from lightning import Callback, LightningDataModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.nn.utils import parametrize
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from callbacks.weight_sharing import CHECKPOINT_KEY, PACKED_FILENAME, WeightSharing, network_architecture
 from compression.packed_format import load_shared, standard_builders
@@ -30,6 +30,7 @@ from compression.weight_sharing import (
 from lightning_modules.nets.student import build_student_net
 from lightning_modules.nets.vgg_unet import VGGUNet
 from lightning_modules.segmenter import DiscSegmenter
+from tests.compression.helpers import DiscBatches
 
 SIZE = 16  # the smallest side the VGGUNet's four poolings allow
 
@@ -253,26 +254,18 @@ def test_sharing_state_of_another_width_is_refused_with_the_layer_named(vgg: VGG
 
 
 # ------------------------------------------------------------------------------------------ callback
-class _Discs(Dataset):
-    def __init__(self, count: int):
-        generator = torch.Generator().manual_seed(0)
-        self.images = torch.randn(count, 3, SIZE, SIZE, generator=generator)
-        self.masks = torch.zeros(count, 1, SIZE, SIZE)
-        self.masks[:, :, 5:11, 5:11] = 1
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> dict:
-        return {"image": self.images[index], "mask": self.masks[index], "index": torch.tensor(index)}
+def _discs(count: int) -> DiscBatches:
+    masks = torch.zeros(count, 1, SIZE, SIZE)
+    masks[:, :, 5:11, 5:11] = 1
+    return DiscBatches(torch.randn(count, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0)), masks)
 
 
 class _DiscData(LightningDataModule):
     def train_dataloader(self):
-        return DataLoader(_Discs(4), batch_size=2)
+        return DataLoader(_discs(4), batch_size=2)
 
     def val_dataloader(self):
-        return DataLoader(_Discs(2), batch_size=2)
+        return DataLoader(_discs(2), batch_size=2)
 
 
 class _CodebookProbe(WeightSharing):
