@@ -10,10 +10,13 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 ARGS ?=
 MLFLOW_PORT ?= 5000
+# the store `make mlflow-ui` serves (the e2e test points it at a store of its own)
+MLFLOW_STORE ?= $(CURDIR)/mlruns
+CHROMIUM ?= /usr/bin/chromium
 PYTEST_FLAGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv dr-distill glaucoma-iterations bench test test-full lint format mlflow-ui clean
+.PHONY: help venv dr-distill glaucoma-iterations bench report predict test test-full test-e2e browser lint format mlflow-ui clean
 
 help: ## Show the targets
 	@awk 'BEGIN {FS = ":.*## "}; /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -36,11 +39,33 @@ glaucoma-iterations: $(INSTALLED) ## Optic-disc segmentation compressed 64 -> 32
 bench: $(INSTALLED) ## CPU benchmark of the latest DR and glaucoma runs: fp32/channels-last/bf16/ONNX fp32/int8, sizes, Pareto plot
 	$(BIN)/python -m experiments.bench $(ARGS)
 
-test: $(INSTALLED) ## Fast test suite (no slow tests), the CI command
-	$(BIN)/python -m pytest -m "not slow" $(PYTEST_FLAGS)
+report: $(INSTALLED) ## HTML + Markdown report of the latest (or chosen) runs from the MLflow store (ARGS)
+	$(BIN)/python -m experiments.report $(ARGS)
 
-test-full: $(INSTALLED) ## Every test, the slow training ones included
+predict: $(INSTALLED) ## Grade a folder of fundus images / segment optic discs with a run's ONNX model (ARGS="model=... input=... output=...")
+	$(BIN)/python -m experiments.predict $(ARGS)
+
+test: $(INSTALLED) ## Fast test suite (no slow or browser tests), the CI command
+	$(BIN)/python -m pytest -m "not slow and not e2e" $(PYTEST_FLAGS)
+
+test-full: $(INSTALLED) browser ## Every test: the slow training ones and the browser ones included
 	$(BIN)/python -m pytest $(PYTEST_FLAGS)
+
+test-e2e: $(INSTALLED) browser ## The MLflow UI checked in headless Chromium (screenshots in test-artifacts/)
+	$(BIN)/python -m pytest -m e2e $(PYTEST_FLAGS)
+
+# Debian's Chromium (playwright's own browser download would need the internet); installed when missing and
+# this is root (CI), otherwise the message says what to install.
+browser:
+	@if [ ! -x "$(CHROMIUM)" ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			echo ">> installing Debian's chromium for the browser tests"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+		else \
+			echo "The browser tests need Chromium at $(CHROMIUM): sudo apt-get install chromium (or CHROMIUM=<path>)"; \
+			exit 1; \
+		fi; \
+	fi
 
 lint: $(INSTALLED) ## ruff
 	$(BIN)/ruff check .
@@ -49,10 +74,10 @@ format: $(INSTALLED) ## ruff --fix and format imports
 	$(BIN)/ruff check --fix .
 
 mlflow-ui: $(INSTALLED) ## Browse runs at http://127.0.0.1:$(MLFLOW_PORT) (the store in mlruns/)
-	@mkdir -p mlruns/artifacts
-	$(BIN)/mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlruns/mlflow.db}" \
-		--default-artifact-root "$(CURDIR)/mlruns/artifacts" --host 127.0.0.1 --port $(MLFLOW_PORT)
+	@mkdir -p "$(MLFLOW_STORE)/artifacts"
+	$(BIN)/mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(MLFLOW_STORE)/mlflow.db}" \
+		--default-artifact-root "$(MLFLOW_STORE)/artifacts" --host 127.0.0.1 --port $(MLFLOW_PORT)
 
 clean: ## Remove caches (.cache, __pycache__, tool caches); never mlruns/ or outputs/
-	rm -rf .cache .pytest_cache .ruff_cache build *.egg-info
+	rm -rf .cache .pytest_cache .ruff_cache build *.egg-info test-artifacts
 	find . -path ./.venv -prune -o -name __pycache__ -type d -exec rm -rf {} +

@@ -22,6 +22,9 @@ log = logging.getLogger(__name__)
 
 # MLflow's own limit on a param value; longer values (lists, paths) go to the config artifact only.
 MAX_PARAM_LENGTH = 500
+#: what kind of work an experiment holds, as the MLflow UI reads it: training runs, not GenAI traces
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 
 
 def default_tracking_uri(project_root: Path) -> str:
@@ -118,11 +121,16 @@ class RunTracker:
 
     def _experiment(self, artifact_location: str | None) -> str:
         experiment = self.client.get_experiment_by_name(self.experiment_name)
-        if experiment is not None:
+        if experiment is None:
+            experiment_id = self.client.create_experiment(self.experiment_name, artifact_location=artifact_location)
+        else:
+            experiment_id = experiment.experiment_id
             if experiment.lifecycle_stage == "deleted":
-                self.client.restore_experiment(experiment.experiment_id)
-            return experiment.experiment_id
-        return self.client.create_experiment(self.experiment_name, artifact_location=artifact_location)
+                self.client.restore_experiment(experiment_id)
+        if experiment is None or EXPERIMENT_KIND_TAG not in experiment.tags:
+            # MLflow 3's UI opens an experiment without this tag on its GenAI (traces) overview
+            self.client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+        return experiment_id
 
     def _run(self, run_id: str | None, name: str, tags: dict[str, str]) -> str:
         if run_id is not None:
