@@ -19,7 +19,7 @@ PYTEST_FLAGS ?=
 .PHONY: help venv dr-distill glaucoma-iterations bench report predict test test-full test-e2e browser lint format mlflow-ui clean
 
 help: ## Show the targets
-	@awk 'BEGIN {FS = ":.*## "}; /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@awk 'BEGIN {FS = ":.*## "}; /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 $(INSTALLED): pyproject.toml
 	@echo ">> creating $(VENV) with $(PYTHON) and installing retina-compress (first use only)"
@@ -42,7 +42,7 @@ bench: $(INSTALLED) ## CPU benchmark of the latest DR and glaucoma runs: fp32/ch
 report: $(INSTALLED) ## HTML + Markdown report of the latest (or chosen) runs from the MLflow store (ARGS)
 	$(BIN)/python -m experiments.report $(ARGS)
 
-predict: $(INSTALLED) ## Grade a folder of fundus images / segment optic discs with a run's ONNX model (ARGS="model=... input=... output=...")
+predict: $(INSTALLED) ## Grade / segment a folder with a run's ONNX model (ARGS="model=<run id|run or stage folder> input=<folder> [output=… precision=int8|fp32 gradcam=true overwrite=true]")
 	$(BIN)/python -m experiments.predict $(ARGS)
 
 test: $(INSTALLED) ## Fast test suite (no slow or browser tests), the CI command

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import albumentations as A
 import cv2
@@ -17,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 from datamodules.dr_index import NUM_GRADES, read_aptos_index, read_eyepacs_index, write_synthetic_dr_dataset
 from datamodules.errors import DataValidationError
 from datamodules.fundus import (
+    PREPROCESS_VERSION,
     FundusPreprocessing,
     PreprocessedImageCache,
     atomic_save_npy,
@@ -58,6 +60,58 @@ def training_transform(image_size: int) -> A.Compose:
 
 def evaluation_transform() -> A.Compose:
     return A.Compose([A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD), ToTensorV2()])
+
+
+# ---------------------------------------------------------------------------------- inference
+# One code path for a single photograph, shared by ``DRDataModule.inference_inputs`` (training's model report
+# and bench) and a deployment bundle (``compression.deploy``), which rebuilds it from ``inference_spec()``.
+GRADING_TASK = "grading"
+
+
+def grading_spec(preprocessing: FundusPreprocessing, imager: PersistenceImager | None) -> dict[str, Any]:
+    """Plain (JSON) values that rebuild the per-image grading inputs; ``imager`` = the fitted persistence
+    imager of a run with topological features, else None."""
+    return {
+        "task": GRADING_TASK,
+        "preprocess_version": PREPROCESS_VERSION,
+        "image_size": preprocessing.image_size,
+        "ben_graham": preprocessing.ben_graham,
+        "imager": imager.state_dict() if imager is not None else None,
+    }
+
+
+def grading_preprocessing_from_spec(
+    spec: dict[str, Any],
+) -> tuple[FundusPreprocessing, PersistenceImager | None]:
+    """The preprocessing and (when the spec holds one) the fitted persistence imager of :func:`grading_spec`.
+
+    Raises:
+        ValueError: the spec is not a grading spec, or was written by another preprocessing version (its
+            model saw differently prepared images).
+    """
+    if spec.get("task") != GRADING_TASK:
+        raise ValueError(f"preprocessing spec of task {spec.get('task')!r} is not a {GRADING_TASK!r} spec")
+    if spec.get("preprocess_version") != PREPROCESS_VERSION:
+        raise ValueError(f"preprocessing spec version {spec.get('preprocess_version')!r} differs from this "
+                         f"code's {PREPROCESS_VERSION}: the model saw differently prepared images; re-export "
+                         "it with this code version")
+    preprocessing = FundusPreprocessing(image_size=int(spec["image_size"]),
+                                        ben_graham=bool(spec["ben_graham"]))
+    imager = PersistenceImager.from_state_dict(spec["imager"]) if spec.get("imager") else None
+    return preprocessing, imager
+
+
+def grading_network_inputs(
+    image_rgb: np.ndarray, preprocessing: FundusPreprocessing, imager: PersistenceImager | None = None
+) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """A decoded photograph as the evaluation loader serves it: (image (1, 3, S, S) normalised, topological
+    features (1, F) from ``imager`` or (1, 0) without one, the preprocessed uint8 RGB image)."""
+    image = preprocessing(image_rgb)
+    tensor = evaluation_transform()(image=image)["image"].unsqueeze(0)
+    if imager is None:
+        return tensor, torch.zeros(1, 0), image
+    features = imager.transform([image_diagrams(image, imager.config)])
+    return tensor, torch.from_numpy(features), image
 
 
 class FundusGradingDataset(Dataset):
@@ -269,14 +323,16 @@ class DRDataModule(LightningDataModule):
         return self.imager.transform(diagrams)
 
     # ------------------------------------------------------------------------------ inference
+    def inference_spec(self) -> dict[str, Any]:
+        """What a deployment bundle needs to prepare a photograph as this module does (``grading_spec``)."""
+        self._require_setup()  # the persistence imager is fitted in setup
+        return grading_spec(self.preprocessing, self.imager if self.use_topology else None)
+
     def inference_inputs(self, path: str | Path, with_topology: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """The clinic's per-image path, uncached: decode, preprocess, topology, normalise -> batch of 1."""
-        image = self.preprocessing(read_rgb(path))
-        tensor = evaluation_transform()(image=image)["image"].unsqueeze(0)
-        if not (self.use_topology and with_topology):
-            return tensor, torch.zeros(1, 0)
-        features = self.imager.transform([image_diagrams(image, self.topology)])
-        return tensor, torch.from_numpy(features)
+        imager = self.imager if self.use_topology and with_topology else None
+        image, topo, _ = grading_network_inputs(read_rgb(path), self.preprocessing, imager)
+        return image, topo
 
     # ---------------------------------------------------------------------------- dataloaders
     def _loader(self, split: str, shuffle: bool = False, sampler=None) -> DataLoader:

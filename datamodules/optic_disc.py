@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import albumentations as A
 import cv2
@@ -97,6 +98,42 @@ class DiscPreprocessing:
         size = (self.image_size, self.image_size)
         square_mask = cv2.resize(crop.apply(mask), size, interpolation=cv2.INTER_NEAREST_EXACT)
         return image, np.ascontiguousarray(square_mask)
+
+
+# ---------------------------------------------------------------------------------- inference
+# One code path for a single photograph, shared by ``DiscDataModule.inference_inputs`` and a deployment bundle
+# (``compression.deploy``), which rebuilds the preprocessing from ``inference_spec()``.
+DISC_TASK = "disc"
+
+
+def disc_spec(preprocessing: DiscPreprocessing) -> dict[str, Any]:
+    """Plain (JSON) values that rebuild ``preprocessing`` (:func:`disc_preprocessing_from_spec`)."""
+    return {"task": DISC_TASK, "preprocess_version": DISC_PREPROCESS_VERSION, **asdict(preprocessing)}
+
+
+def disc_preprocessing_from_spec(spec: dict[str, Any]) -> DiscPreprocessing:
+    """The preprocessing of :func:`disc_spec`.
+
+    Raises:
+        ValueError: the spec is not a disc spec, or was written by another preprocessing version.
+    """
+    if spec.get("task") != DISC_TASK:
+        raise ValueError(f"preprocessing spec of task {spec.get('task')!r} is not a {DISC_TASK!r} spec")
+    if spec.get("preprocess_version") != DISC_PREPROCESS_VERSION:
+        raise ValueError(f"preprocessing spec version {spec.get('preprocess_version')!r} differs from this "
+                         f"code's {DISC_PREPROCESS_VERSION}: the model saw differently prepared images; "
+                         "re-export it with this code version")
+    return DiscPreprocessing(**{field.name: spec[field.name] for field in fields(DiscPreprocessing)
+                                if field.name in spec})
+
+
+def disc_network_input(image_rgb: np.ndarray, preprocessing: DiscPreprocessing
+                       ) -> tuple[torch.Tensor, np.ndarray, SquareCrop]:
+    """A decoded photograph as the evaluation loader serves it: (image (1, 3, S, S) normalised, the
+    preprocessed uint8 RGB image, the crop box whose ``to_source`` maps a predicted mask back onto the
+    photograph)."""
+    image, crop = preprocessing.preprocess_image(image_rgb)
+    return evaluation_transform()(image=image)["image"].unsqueeze(0), image, crop
 
 
 class PreprocessedPairCache:
@@ -409,10 +446,13 @@ class DiscDataModule(LightningDataModule):
         """The model's uint8 RGB input and the crop box (``box.to_source(mask)`` maps a prediction back)."""
         return self.preprocessing.preprocess_image(image_rgb)
 
+    def inference_spec(self) -> dict[str, Any]:
+        """What a deployment bundle needs to prepare a photograph as this module does (:func:`disc_spec`)."""
+        return disc_spec(self.preprocessing)
+
     def inference_inputs(self, path: str | Path) -> tuple[torch.Tensor]:
         """The clinic's per-image path, uncached: decode, crop, resize, CLAHE, normalise -> ((1,3,H,W),)."""
-        image, _ = self.preprocess_image(read_rgb(path))
-        return (evaluation_transform()(image=image)["image"].unsqueeze(0),)
+        return (disc_network_input(read_rgb(path), self.preprocessing)[0],)
 
     # ---------------------------------------------------------------------------- dataloaders
     def _loader(self, split: str, shuffle: bool = False) -> DataLoader:

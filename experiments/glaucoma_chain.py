@@ -4,6 +4,7 @@
     python -m experiments.glaucoma_chain data=disc_folder data.root=/data/drions-db
     python -m experiments.glaucoma_chain chain.bases=[64,32,16] chain.arms=[prune]
     python -m experiments.glaucoma_chain resume=true                        # continue an interrupted chain
+    python -m experiments.glaucoma_chain retest=true resume=outputs/glaucoma-iterations/runs/<time>  # no training
     python -m experiments.glaucoma_chain chain.finishers=[qat,share] chain.finish_after=[prune-16]
 
 Iteration 1 trains the first base until its validation Dice is sufficient; the prune arm then prunes
@@ -40,7 +41,14 @@ from experiments.chain_summary import (
     plan_chain,
     summary_table,
 )
-from experiments.runner import RunContext, finishing, fit_and_test_stage, start_invocation
+from experiments.runner import (
+    RunContext,
+    check_retest,
+    finishing,
+    fit_and_test_stage,
+    retest_stage,
+    start_invocation,
+)
 from lightning_modules.nets.vgg_unet import save_network
 from lightning_modules.segmenter import DiscSegmenter
 
@@ -110,6 +118,7 @@ def run_glaucoma_chain(cfg: DictConfig) -> float | None:
     """Run (or resume) the chain; returns the last stage's best validation Dice (for sweepers)."""
     stages = plan_chain(list(cfg.chain.bases), list(cfg.chain.arms), list(cfg.chain.get("finishers") or []),
                         list(cfg.chain.get("finish_after") or []))
+    check_retest(cfg)
     run = start_invocation(cfg)
     ctx, dm = run.ctx, run.datamodule
     log.info("Chain of %d stages: %s", len(stages), ", ".join(s.name for s in stages))
@@ -118,7 +127,9 @@ def run_glaucoma_chain(cfg: DictConfig) -> float | None:
     with finishing(ctx):
         for stage in stages:
             _restore_hard_cases(dm, stages[0], results)
-            if ctx.state.stage_done(stage.name):
+            if ctx.state.stage_done(stage.name) and cfg.retest and stage.arm not in FINISHERS:
+                _retest_stage(ctx, cfg, stage, dm, run.tags)
+            elif ctx.state.stage_done(stage.name):
                 log.info("Stage %s already finished in %s: skipping it", stage.name, ctx.run_dir)
             else:
                 _run_stage(ctx, cfg, stage, dm, run.files, run.tags)
@@ -151,6 +162,16 @@ def _run_stage(ctx: RunContext, cfg: DictConfig, stage: ChainStage, dm: DiscData
     results[stage.name] = result
     ctx.state.save()
     return result
+
+
+def _retest_stage(ctx: RunContext, cfg: DictConfig, stage: ChainStage, dm: DiscDataModule,
+                  tags: dict[str, str]) -> dict[str, Any]:
+    """The finished stage's tested network (its ``network.pt``) tested again with today's callbacks. Finishers
+    are skipped by the caller: what they deploy is their int8 / packed file, not a network to test again."""
+    network = ctx.state.stages[stage.name]["network"]
+    module = instantiate(cfg.model.segmenter, network_path=network, vgg16_weights=None,
+                         kd_alpha=cfg.chain.kd.alpha, kd_temperature=cfg.chain.kd.temperature)
+    return retest_stage(ctx, stage.name, module, dm, tags | {"arm": stage.arm, "base": str(stage.base)})
 
 
 def _log_summary(ctx: RunContext, parent: str, table, tolerance: float) -> None:

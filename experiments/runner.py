@@ -169,6 +169,43 @@ def build_callbacks(callbacks_cfg: DictConfig, stage_dir: Path,
     return callbacks
 
 
+def check_retest(cfg: DictConfig) -> None:
+    """``retest=true`` needs the folder of the run to test again (``resume=true`` would find only unfinished runs
+    and otherwise start, and train, a new one)."""
+    if cfg.get("retest") and (not cfg.resume or str(cfg.resume).lower() in {"true", "1", "yes"}):
+        raise ValueError(f"retest=true tests the finished stages of an earlier run again: give that run's folder, "
+                         f"e.g. retest=true resume={cfg.paths.output_root}/{cfg.task_name}/runs/<time>")
+
+
+def retest_stage(
+    ctx: RunContext,
+    stage: str,
+    module: L.LightningModule,
+    datamodule: L.LightningDataModule,
+    extra_tags: dict[str, str],
+) -> dict[str, Any]:
+    """Test a finished stage's tested weights (already in ``module``) again with today's callbacks, into its own
+    child run: what a suite that gained diagnostics or deployment files since the run trained adds to it without
+    retraining. Checkpoints and training state stay as they are; the recorded test metrics and report are updated.
+    """
+    stage_dir = ctx.run_dir / stage
+    logger = ctx.tracker.child_logger(stage, extra_tags, log_model=False)
+    callbacks = build_callbacks(ctx.cfg.callbacks, stage_dir)
+    trainer: L.Trainer = instantiate(ctx.cfg.trainer, callbacks=callbacks, logger=logger,
+                                     default_root_dir=str(stage_dir))
+    # The run logged these hyperparameters when it trained; a module rebuilt from its files differs in paths
+    # (e.g. network_path), which MLflow refuses to overwrite. This is what save_hyperparameters(logger=False) sets.
+    module._log_hyperparams = False
+    trainer.test(module, datamodule=datamodule)
+    result = ctx.state.stages[stage]
+    result["test"] = dict(module.test_results)
+    for callback in callbacks:
+        result.setdefault("report", {}).update(getattr(callback, "report", {}))
+    ctx.state.save()
+    log.info("Stage %s tested again from its finished weights (retest=true)", stage)
+    return result
+
+
 def fit_and_test_stage(
     ctx: RunContext,
     stage: str,

@@ -4,6 +4,7 @@
     python -m experiments.train_dr data=eyepacs data.root=/data/eyepacs
     python -m experiments.train_dr -m distill.temperature=2,4,8      # a sweep
     python -m experiments.train_dr resume=true                      # continue an interrupted run
+    python -m experiments.train_dr retest=true resume=outputs/dr-distill/runs/<time>   # new diagnostics, no training
 """
 
 from __future__ import annotations
@@ -18,8 +19,15 @@ from omegaconf import DictConfig, OmegaConf
 from compression.export import quiet_onnx_tool_logs
 from datamodules.dr import DRDataModule
 from datamodules.errors import DataValidationError
-from experiments.runner import RunContext, finishing, fit_and_test_stage, start_invocation
-from lightning_modules.classifier import StudentDistiller
+from experiments.runner import (
+    RunContext,
+    check_retest,
+    finishing,
+    fit_and_test_stage,
+    retest_stage,
+    start_invocation,
+)
+from lightning_modules.classifier import StudentDistiller, TeacherClassifier
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +52,19 @@ def _student_qat_module(cfg: DictConfig, student_checkpoint: str) -> StudentDist
                                                  lr=float(cfg.qat.lr), pct_start=float(cfg.qat.pct_start))
 
 
+#: stages whose tested weights are a plain checkpoint (student_qat's are a QAT-prepared network and its file)
+RETESTABLE = ("teacher", "student")
+
+
+def _finished_module(stage: str, checkpoint: str):
+    """The weights a finished stage was tested with; nothing is downloaded or rebuilt from a teacher."""
+    if stage == "teacher":
+        return TeacherClassifier.load_from_checkpoint(checkpoint, map_location="cpu", pretrained="none",
+                                                      pretrained_path=None)
+    return StudentDistiller.load_from_checkpoint(checkpoint, map_location="cpu", pretrained="none",
+                                                 pretrained_path=None, teacher_checkpoint=None)
+
+
 def _summary(ctx: RunContext, dm: DRDataModule) -> dict[str, float]:
     """Parent-run metrics: each stage's headline test metrics, its size and latency, and the baseline."""
     summary = {"baseline/majority_acc": dm.majority_baseline_accuracy("test")}
@@ -63,6 +84,7 @@ def run_dr_distill(cfg: DictConfig) -> float | None:
     if "student" in stages and "teacher" not in stages and teacher_checkpoint is None and cfg.distill.alpha_end > 0:
         raise ValueError("stages=[student] with distillation needs distill.teacher_checkpoint=<teacher .ckpt>; "
                          "or use distill=none (experiment=dr_student_only) to train the student alone")
+    check_retest(cfg)
     if "student_qat" in stages and ("student" not in stages or stages.index("student") > stages.index("student_qat")):
         raise ValueError("stage student_qat fine-tunes the trained student: list it after 'student' in stages, "
                          "e.g. stages=[teacher,student,student_qat]")
@@ -71,7 +93,10 @@ def run_dr_distill(cfg: DictConfig) -> float | None:
     result = None
     with finishing(ctx):
         for stage in stages:
-            if ctx.state.stage_done(stage):
+            if ctx.state.stage_done(stage) and cfg.retest and stage in RETESTABLE:
+                result = retest_stage(ctx, stage, _finished_module(stage, ctx.state.stages[stage]["checkpoint"]),
+                                      dm, run.tags)
+            elif ctx.state.stage_done(stage):
                 log.info("Stage %s already finished in %s: skipping it", stage, ctx.run_dir)
                 result = ctx.state.stages[stage]
             elif stage == "student_qat":

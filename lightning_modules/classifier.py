@@ -96,9 +96,11 @@ class GradingModule(LightningModule):
         self.log_dict(results)
         self.log("val/qwk", qwk, prog_bar=True)
 
-    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        """Returns the (B, K) softmax probabilities: callbacks (calibration, per-image predictions) collect them."""
         probabilities = self._evaluate(batch, self.test_metrics, "test")
         self.test_confusion.update(probabilities.argmax(dim=1), batch["label"])
+        return probabilities
 
     def on_test_epoch_end(self) -> None:
         self.test_results = flatten_metrics(self.test_metrics.compute(), "test")

@@ -17,7 +17,7 @@ def compose_config(config_name: str, overrides: list[str], output_dir: Path) -> 
         cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
     with open_dict(cfg):
         cfg.hydra.runtime.output_dir = str(output_dir)
-        cfg.hydra.job.override_dirname = ",".join(o for o in overrides if not o.startswith("resume="))
+        cfg.hydra.job.override_dirname = ",".join(o for o in overrides if not o.startswith(("resume=", "retest=")))
         cfg.hydra.overrides.task = list(overrides)
     HydraConfig().set_config(cfg)
     with open_dict(cfg):

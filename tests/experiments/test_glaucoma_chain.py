@@ -47,6 +47,12 @@ def test_tiny_chain_nests_every_arm_and_base_under_one_parent(project: Path):
                      "model/params", "model/size_bytes", "model/latency_ms_median", "chain/train_time_s",
                      "chain/epochs", "pipeline/latency_ms_median"]:
             assert name in child.data.metrics, f"{stage} lacks {name}"
+        assert "predictions/test_per_image.csv" in {
+            a.path for a in client.list_artifacts(child.info.run_id, "predictions")}
+        overlays = sorted(Path(a.path).name for a in client.list_artifacts(child.info.run_id, "overlays"))
+        assert len(overlays) == 2 and overlays[0].startswith("best_1_") and overlays[1].startswith("worst_1_")
+        assert (run_dir / stage / "test_per_image.csv").is_file()
+        assert (run_dir / stage / "deploy" / "bundle.json").is_file()
     assert "prune/params_after" in runs["prune-32"][0].data.metrics
     assert "train/kd" in runs["kd-16"][0].data.metrics  # the distillation term reached the loss
 
@@ -119,3 +125,23 @@ def test_finishers_write_int8_and_packed_files_and_report_their_sizes(project: P
     resumed = json.loads((run_dir / "run_state.json").read_text())
     assert resumed["complete"] and resumed["stages"]["share-prune-8"]["report"]["model/size_bytes"] == (
         packed.stat().st_size)
+
+
+def test_retest_tests_finished_stages_again_without_training_them(project: Path):
+    overrides = [*TINY, "chain.bases=[64,32]", "chain.arms=[prune]"]
+    run_dir = project / "outputs" / "glaucoma-iterations" / "runs" / "first"
+    run_glaucoma_chain(compose_config("glaucoma_chain", overrides, run_dir))
+    state_file = run_dir / "run_state.json"
+    before = json.loads(state_file.read_text())
+    networks = {name: Path(before["stages"][name]["network"]) for name in ("base-64", "prune-32")}
+    mtimes = {name: path.stat().st_mtime_ns for name, path in networks.items()}
+
+    run_glaucoma_chain(compose_config("glaucoma_chain", [*overrides, "retest=true", f"resume={run_dir}"],
+                                      project / "elsewhere"))
+    after = json.loads(state_file.read_text())
+    assert after["child_run_ids"] == before["child_run_ids"]
+    client = mlflow_store(project)
+    for name, network in networks.items():
+        assert network.stat().st_mtime_ns == mtimes[name]  # not trained again
+        assert after["stages"][name]["test"]["test/dice"] == pytest.approx(before["stages"][name]["test"]["test/dice"])
+        assert len(client.get_metric_history(after["child_run_ids"][name], "test/dice")) == 2

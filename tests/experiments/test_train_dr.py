@@ -49,7 +49,16 @@ def test_fast_dev_run_logs_parent_and_child_runs_with_stable_metric_names(projec
         assert metrics["model/params"] > 1e5 and metrics["model/latency_ms_median"] > 0
         artifacts = {a.path for a in client.list_artifacts(child.info.run_id, "run")}
         assert {"run/config.yaml", "run/splits.csv"} <= artifacts
-        assert [a.path for a in client.list_artifacts(child.info.run_id, "plots")] == ["plots/confusion_matrix.png"]
+        assert [a.path for a in client.list_artifacts(child.info.run_id, "plots")] == [
+            "plots/confusion_matrix.png", "plots/pr_curves.png", "plots/reliability.png"]
+        assert 0.0 <= metrics["test/ece"] <= 1.0
+        assert [a.path for a in client.list_artifacts(child.info.run_id, "predictions")] == [
+            "predictions/test_predictions.csv"]
+        explained = [a.path for a in client.list_artifacts(child.info.run_id, "explain")]
+        assert len(explained) == 1 and explained[0].startswith("explain/grade4_")  # debug=tiny: grade 4 only
+        assert (project / "outputs" / "dr-distill" / "runs" / "a" / stage / "test_predictions.csv").is_file()
+        assert {"deploy/bundle.json", "deploy/model.onnx"} <= {
+            a.path for a in client.list_artifacts(child.info.run_id, "deploy")}
         checkpoints = [a.path for a in client.list_artifacts(child.info.run_id, "checkpoint")]
         assert len(checkpoints) == 1 and checkpoints[0].startswith("checkpoint/best-")
     student_params = runs["student"][0].data.params
@@ -122,3 +131,33 @@ def test_student_qat_stage_writes_an_int8_student_and_reports_it(project: Path):
 def test_student_qat_needs_a_trained_student(project: Path):
     with pytest.raises(ValueError, match="after 'student'"):
         run_dr_distill(compose_config("train_dr", [*TINY, "stages=[teacher,student_qat]"], project / "q"))
+
+
+def test_retest_tests_finished_stages_again_without_training_them(project: Path):
+    run_dir = project / "outputs" / "dr-distill" / "runs" / "first"
+    run_dr_distill(compose_config("train_dr", TINY, run_dir))
+    state_file = run_dir / "run_state.json"
+    before = json.loads(state_file.read_text())
+    checkpoints = {s: Path(before["stages"][s]["checkpoint"]) for s in ("teacher", "student")}
+    mtimes = {s: path.stat().st_mtime_ns for s, path in checkpoints.items()}
+    for stage in checkpoints:  # a file today's callbacks write at test time, missing from the old run
+        (run_dir / stage / "model.pt").unlink()
+
+    run_dr_distill(compose_config("train_dr", [*TINY, "retest=true", f"resume={run_dir}"], project / "elsewhere"))
+    after = json.loads(state_file.read_text())
+    assert after["child_run_ids"] == before["child_run_ids"]
+    client = mlflow_store(project)
+    for stage, checkpoint in checkpoints.items():
+        assert checkpoint.stat().st_mtime_ns == mtimes[stage]  # not trained again
+        assert (run_dir / stage / "model.pt").is_file()
+        # the same weights on the same split: the same test scores, logged a second time in the same run
+        assert after["stages"][stage]["test"]["test/qwk"] == pytest.approx(before["stages"][stage]["test"]["test/qwk"])
+        history = client.get_metric_history(after["child_run_ids"][stage], "test/qwk")
+        assert len(history) == 2
+    assert all(len(runs) == 1 for runs in _runs(client).values())
+
+
+def test_retest_needs_the_folder_of_the_run_to_test(project: Path):
+    cfg = compose_config("train_dr", [*TINY, "retest=true", "resume=true"], project / "out")
+    with pytest.raises(ValueError, match="give that run's folder"):
+        run_dr_distill(cfg)

@@ -1,0 +1,144 @@
+"""Per-image test predictions, precision-recall curves and calibration of a DR grading stage."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from lightning import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import MLFlowLogger
+from torch.utils.data import DataLoader
+
+from lightning_modules.explain import (
+    expected_calibration_error,
+    plot_precision_recall_curves,
+    plot_reliability_diagram,
+)
+
+log = logging.getLogger(__name__)
+
+PREDICTIONS_FILE = "test_predictions.csv"
+
+
+def has_mlflow_logger(trainer: Trainer) -> bool:
+    """Whether figures would reach MLflow: not under fast_dev_run (its dummy logger), nor without a logger."""
+    return any(isinstance(logger, MLFlowLogger) for logger in trainer.loggers)
+
+
+def log_mlflow_artifact(trainer: Trainer, path: Path, artifact_path: str) -> None:
+    """Log a file to the run of every MLflow logger of ``trainer`` (none under fast_dev_run's dummy logger)."""
+    for logger in trainer.loggers:
+        if isinstance(logger, MLFlowLogger):
+            logger.experiment.log_artifact(logger.run_id, str(path), artifact_path=artifact_path)
+
+
+def first_test_loader(trainer: Trainer) -> DataLoader | None:
+    """The test split's loader: with several test loaders (e.g. the test split and a hard-case set) the first."""
+    loaders = trainer.test_dataloaders
+    if isinstance(loaders, list | tuple):
+        return loaders[0] if loaders else None
+    return loaders
+
+
+def image_names(dataset: object, indices: np.ndarray) -> list[str]:
+    """File names (``Path(paths[i]).name``) of dataset items; the index itself where the dataset has no paths."""
+    paths = getattr(dataset, "paths", None)
+    if paths is None:
+        return [str(int(i)) for i in indices]
+    return [Path(paths[int(i)]).name for i in indices]
+
+
+def predictions_table(names: list[str], labels: np.ndarray, probabilities: np.ndarray) -> pd.DataFrame:
+    """The per-image predictions file: ``image``, ``label``, ``prediction`` (argmax), ``prob_0`` ... ``prob_{K-1}``, one row per image."""
+    if not len(names) == len(labels) == len(probabilities):
+        raise ValueError(f"{len(names)} names, {len(labels)} labels and {len(probabilities)} probability rows")
+    table = pd.DataFrame({"image": names, "label": np.asarray(labels, dtype=np.int64),
+                          "prediction": np.asarray(probabilities).argmax(axis=1).astype(np.int64)})
+    for k in range(probabilities.shape[1]):
+        table[f"prob_{k}"] = probabilities[:, k].astype(np.float64)
+    return table
+
+
+class ClassificationDiagnostics(Callback):
+    """After a DR grading test: ``test/ece``, precision-recall curves, reliability diagram, per-image predictions.
+
+    Collects the probabilities the module's ``test_step`` returns (dataloader 0 only: the test split), with the
+    batch's ``label`` and ``index`` (the position in the test dataset; the loader's order without it). Logs
+    ``test/ece`` (top-label L1 calibration error, ``n_bins`` bins) at the end of the test epoch and keeps it in
+    ``self.report``; at the end of testing logs the MLflow artifacts ``plots/pr_curves.png``,
+    ``plots/reliability.png`` and ``predictions/test_predictions.csv`` (see ``predictions_table``), and writes that CSV to
+    ``weights_dir`` (the stage folder, which the runner fills in) when given. Without an MLflow logger
+    (fast_dev_run) the plots are not drawn.
+    """
+
+    def __init__(self, n_bins: int = 10, weights_dir: str | None = None):
+        if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
+            raise ValueError(f"ClassificationDiagnostics: n_bins={n_bins!r} must be a positive int")
+        self.n_bins = n_bins
+        self.weights_dir = Path(weights_dir) if weights_dir else None
+        self.report: dict[str, float] = {}
+        self.predictions: pd.DataFrame | None = None
+        self._probabilities: list[torch.Tensor] = []
+        self._labels: list[torch.Tensor] = []
+        self._indices: list[torch.Tensor] = []
+
+    def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._probabilities, self._labels, self._indices = [], [], []
+        self.predictions = None
+
+    def on_test_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch: dict,
+                          batch_idx: int, dataloader_idx: int = 0) -> None:
+        if dataloader_idx != 0:
+            return
+        if not isinstance(outputs, torch.Tensor) or outputs.ndim != 2:
+            raise TypeError(f"ClassificationDiagnostics needs {type(pl_module).__name__}.test_step to return the "
+                            f"(B, K) class probabilities, got {type(outputs).__name__}")
+        self._probabilities.append(outputs.detach().float().cpu())
+        self._labels.append(batch["label"].detach().cpu())
+        start = sum(len(p) for p in self._indices)
+        index = batch.get("index")
+        self._indices.append(index.detach().cpu() if index is not None else torch.arange(start, start + len(outputs)))
+
+    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self._probabilities:
+            return
+        probabilities = torch.cat(self._probabilities).numpy()
+        labels = torch.cat(self._labels).numpy()
+        ece = expected_calibration_error(probabilities, labels, self.n_bins)
+        pl_module.log("test/ece", ece, add_dataloader_idx=False)
+        self.report = {"test/ece": ece}
+        loader = first_test_loader(trainer)
+        indices = torch.cat(self._indices).numpy()
+        names = image_names(getattr(loader, "dataset", None), indices)
+        self.predictions = predictions_table(names, labels, probabilities)
+
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.predictions is None:
+            return
+        probabilities = self.predictions.filter(like="prob_").to_numpy()
+        labels = self.predictions["label"].to_numpy()
+        stage = type(pl_module).__name__
+        if self.weights_dir is not None:
+            self.weights_dir.mkdir(parents=True, exist_ok=True)
+            self.predictions.to_csv(self.weights_dir / PREDICTIONS_FILE, index=False)
+        if not has_mlflow_logger(trainer):
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp)
+            csv = folder / PREDICTIONS_FILE
+            self.predictions.to_csv(csv, index=False)
+            log_mlflow_artifact(trainer, csv, "predictions")
+            plots = [
+                plot_precision_recall_curves(probabilities, labels, folder / "pr_curves.png",
+                                             title=f"{stage}: test precision-recall"),
+                plot_reliability_diagram(probabilities, labels, folder / "reliability.png", self.n_bins,
+                                         title=f"{stage}: test reliability"),
+            ]
+            for plot in plots:
+                log_mlflow_artifact(trainer, plot, "plots")
+        log.info("%s: test ECE %.4f over %d images", stage, self.report.get("test/ece", float("nan")),
+                 len(self.predictions))

@@ -1,0 +1,690 @@
+"""What ``make report`` shows, read from the MLflow store: the selected runs, their stage tables, the chain's
+liminal point, the bench's per-precision rows and the distillation gain with a paired bootstrap interval.
+
+Functions over an ``MlflowClient`` and pandas frames; ``experiments/report_render.py`` turns a
+:class:`ReportData` into HTML and Markdown, and ``experiments/report.py`` is the Hydra entry point.
+
+Where the runs already logged a result it is read, not recomputed: the chain's ``summary/summary.csv`` (its
+cumulative train times) and liminal point (``experiments.chain_summary.liminal_points`` over that same table
+at the run's own ``chain.liminal_tolerance``, checked against the parent's ``liminal/<arm>_base`` metrics),
+the bench's ``bench/bench.csv`` and ``bench/pareto.png``. Only the distillation gain is new: it needs both
+students' per-image test predictions (``predictions/test_predictions.csv``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import sklearn
+from mlflow.entities import Run
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from scipy import stats
+from sklearn.metrics import accuracy_score, cohen_kappa_score, f1_score
+
+from experiments.chain_summary import BASE_ARM, liminal_points
+
+log = logging.getLogger(__name__)
+
+DR, GLAUCOMA = "dr", "glaucoma"
+DR_STAGES = ("teacher", "student", "student_qat")
+PREDICTIONS_ARTIFACT = "predictions/test_predictions.csv"
+SPLITS_ARTIFACT = "run/splits.csv"
+SUMMARY_ARTIFACT = "summary/summary.csv"
+BENCH_CSV, BENCH_PARETO = "bench/bench.csv", "bench/pareto.png"
+#: the experiment names of the three entry points (their ``task_name``)
+DEFAULT_EXPERIMENTS = {DR: "dr-distill", GLAUCOMA: "glaucoma-iterations", "bench": "bench"}
+#: the make target of each pipeline, for the messages that say what to run
+MAKE_TARGETS = {DR: "make dr-distill", GLAUCOMA: "make glaucoma-iterations"}
+#: the default experiment of dr-distill, whose no-teacher twin is experiment=dr_student_only
+CPU_EXPERIMENT = "dr_distill_cpu"
+GAIN_METRICS = {"qwk": "test QWK", "acc": "test accuracy", "f1_macro": "test macro F1"}
+#: bench backends -> the precision they run at
+BENCH_PRECISION = {"eager": "fp32", "channels_last": "fp32 (channels-last)", "bf16": "bf16",
+                   "ort_fp32": "fp32 (ONNX Runtime)", "ort_int8": "int8 (ONNX Runtime)",
+                   "weight_shared": "weight-shared"}
+
+
+class NoRunsError(LookupError):
+    """Nothing in the store to report on; the message says which run to make first."""
+
+
+@dataclass(frozen=True)
+class Link:
+    """A table cell or line that links to the MLflow UI."""
+
+    text: str
+    url: str
+
+
+@dataclass
+class SelectedRun:
+    """A parent run of one pipeline with its stage child runs (oldest first)."""
+
+    kind: str  # DR or GLAUCOMA
+    parent: Run
+    children: list[Run]
+    experiment_name: str
+
+    @property
+    def name(self) -> str:
+        return self.parent.info.run_name
+
+    def child(self, stage: str) -> Run | None:
+        return next((run for run in self.children if run.info.run_name == stage), None)
+
+
+@dataclass(frozen=True)
+class BootstrapSettings:
+    """The paired bootstrap of the distillation gain (scipy.stats.bootstrap)."""
+
+    n_resamples: int = 2000
+    confidence_level: float = 0.95
+    seed: int = 0
+    method: str = "percentile"
+
+    def __post_init__(self) -> None:
+        if self.n_resamples < 1 or not 0 < self.confidence_level < 1:
+            raise ValueError(f"report.bootstrap: n_resamples={self.n_resamples} must be >= 1 and "
+                             f"confidence_level={self.confidence_level} in (0, 1)")
+        if self.method not in ("percentile", "basic", "BCa"):
+            raise ValueError(f"report.bootstrap.method={self.method!r}: choose percentile, basic or BCa")
+
+
+@dataclass
+class LiminalResult:
+    """The liminal point of one chain run: one row per arm (and ``any``), or why there is none."""
+
+    parent: Run
+    tolerance: float
+    points: pd.DataFrame
+    problem: str | None = None
+    mismatch: str | None = None
+
+
+@dataclass
+class BenchResult:
+    """The per-precision rows of a ``make bench`` run and its Pareto figure."""
+
+    run: Run
+    table: pd.DataFrame
+    pareto_png: bytes | None
+    note: str
+
+
+@dataclass
+class DistillationGain:
+    """The distilled student of one dr-distill run against a student trained without a teacher."""
+
+    distilled: SelectedRun
+    counterpart: SelectedRun | None = None
+    table: pd.DataFrame | None = None  # metric, with_teacher, without_teacher, gain, ci_low, ci_high
+    images: int = 0
+    problem: str | None = None  # why there is no number, and what to run
+    rejected: list[str] = field(default_factory=list)  # no-teacher runs that do not qualify, and why
+
+
+@dataclass
+class ReportData:
+    """Everything the report shows."""
+
+    tracking_uri: str
+    selected: list[SelectedRun]
+    notes: list[str]
+    dr_table: pd.DataFrame
+    glaucoma_table: pd.DataFrame
+    liminal: list[LiminalResult]
+    bench: BenchResult | None
+    gains: list[DistillationGain]
+    ui_url: str
+    bootstrap: BootstrapSettings
+
+
+# ----------------------------------------------------------------------------------------------- the store
+def run_url(ui_url: str, run: Run) -> str:
+    """The run's page in the MLflow UI (``make mlflow-ui``)."""
+    return f"{ui_url.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+
+
+def run_link(ui_url: str, run: Run, text: str | None = None) -> Link:
+    return Link(text or run.info.run_id, run_url(ui_url, run))
+
+
+def is_parent(run: Run) -> bool:
+    return MLFLOW_PARENT_RUN_ID not in run.data.tags
+
+
+def child_runs(client: MlflowClient, parent: Run) -> list[Run]:
+    """The runs whose ``mlflow.parentRunId`` tag names ``parent``, oldest first."""
+    return list(client.search_runs([parent.info.experiment_id],
+                                   filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent.info.run_id}'",
+                                   order_by=["attributes.start_time ASC"]))
+
+
+def latest_parent_runs(client: MlflowClient, experiment_name: str) -> list[Run]:
+    """FINISHED parent runs of the experiment, newest first (empty when the experiment does not exist)."""
+    experiment = client.get_experiment_by_name(experiment_name)
+    if experiment is None:
+        return []
+    parents, token = [], None
+    while True:
+        page = client.search_runs([experiment.experiment_id], filter_string="attributes.status = 'FINISHED'",
+                                  order_by=["attributes.start_time DESC"], max_results=500, page_token=token)
+        parents += [run for run in page if is_parent(run)]
+        token = page.token
+        if not token:
+            return parents
+
+
+def pipeline_kind(children: Sequence[Run]) -> str | None:
+    """DR (teacher/student child runs), GLAUCOMA (children tagged with an ``arm``) or None."""
+    if any("arm" in child.data.tags for child in children):
+        return GLAUCOMA
+    if any(child.info.run_name in DR_STAGES for child in children):
+        return DR
+    return None
+
+
+def student_distills(params: Mapping[str, str]) -> bool:
+    """Whether a student run learned from a teacher, from its logged hyperparameters: the mirror of
+    ``StudentDistiller.distills`` (a teacher checkpoint and a distillation weight above 0)."""
+    teacher = str(params.get("teacher_checkpoint", "None")).strip()
+    alphas = [float(params.get(key, 0.0)) for key in ("alpha_start", "alpha_end")]
+    return teacher not in {"", "None", "null"} and any(alpha > 0 for alpha in alphas)
+
+
+def _selected(client: MlflowClient, parent: Run, origin: str) -> SelectedRun:
+    children = child_runs(client, parent)
+    kind = pipeline_kind(children)
+    experiment_name = client.get_experiment(parent.info.experiment_id).name
+    if kind is None:
+        raise NoRunsError(
+            f"{origin}: run {parent.info.run_id} ({parent.info.run_name!r}, experiment {experiment_name!r}) "
+            "has neither teacher/student nor chain-stage child runs: pass the parent run of a dr-distill or "
+            "glaucoma-iterations invocation (a bench run goes in report.bench)")
+    return SelectedRun(kind, parent, children, experiment_name)
+
+
+def _get_run(client: MlflowClient, run_id: str, option: str, tracking_uri: str) -> Run:
+    try:
+        return client.get_run(str(run_id))
+    except MlflowException as error:
+        raise NoRunsError(f"{option}: there is no run {run_id} in the MLflow store {tracking_uri} "
+                          f"({str(error).splitlines()[0]}); copy a run id from the MLflow UI (make "
+                          "mlflow-ui) or leave the option out for the latest runs") from error
+
+
+def _parent_of(client: MlflowClient, run: Run, option: str, tracking_uri: str) -> Run:
+    """``run`` itself, or its parent when a stage's child run was given."""
+    if is_parent(run):
+        return run
+    parent = _get_run(client, run.data.tags[MLFLOW_PARENT_RUN_ID], option, tracking_uri)
+    log.warning("%s: %s is the stage run %r of %s; reporting on that parent run", option, run.info.run_id,
+                run.info.run_name, parent.info.run_id)
+    return parent
+
+
+def _latest_selected(client: MlflowClient, experiment_name: str, kind: str) -> SelectedRun | None:
+    """The newest FINISHED parent run of the experiment with stage runs of ``kind``; for DR, the newest whose
+    student learned from a teacher when there is one."""
+    fallback = None
+    for parent in latest_parent_runs(client, experiment_name):
+        children = child_runs(client, parent)
+        if pipeline_kind(children) != kind:
+            continue
+        run = SelectedRun(kind, parent, children, experiment_name)
+        student = run.child("student")
+        if kind != DR or (student is not None and student_distills(student.data.params)):
+            return run
+        fallback = fallback or run
+    return fallback
+
+
+def select_runs(client: MlflowClient, tracking_uri: str, run_ids: Sequence[str] = (),
+                experiments: Mapping[str, str] | None = None) -> tuple[list[SelectedRun], list[str]]:
+    """The parent runs to report on and notes on what is missing.
+
+    ``run_ids``: parent runs (a stage's child run stands for its parent). Default: the latest FINISHED parent
+    run of the dr-distill experiment whose student learned from a teacher (the latest parent at all when
+    none did: a student-only run is the gain's counterpart, not what the report is about), and the latest of
+    glaucoma-iterations.
+
+    Raises:
+        NoRunsError: nothing to report on; the message names the make targets to run first.
+    """
+    experiments = {**DEFAULT_EXPERIMENTS, **(experiments or {})}
+    if run_ids:
+        selected, seen = [], set()
+        for run_id in run_ids:
+            parent = _parent_of(client, _get_run(client, run_id, "report.runs", tracking_uri), "report.runs",
+                                tracking_uri)
+            if parent.info.run_id not in seen:
+                seen.add(parent.info.run_id)
+                selected.append(_selected(client, parent, "report.runs"))
+        return selected, []
+    selected, notes = [], []
+    for kind in (DR, GLAUCOMA):
+        latest = _latest_selected(client, experiments[kind], kind)
+        if latest is not None:
+            selected.append(latest)
+        else:
+            notes.append(f"No finished {experiments[kind]} run in the store: run `{MAKE_TARGETS[kind]}` for "
+                         "its section.")
+    if not selected:
+        names = " or ".join(f"`{MAKE_TARGETS[k]}`" for k in (DR, GLAUCOMA))
+        raise NoRunsError(f"The MLflow store {tracking_uri} has no finished {experiments[DR]} or "
+                          f"{experiments[GLAUCOMA]} run to report on: run {names} first (or select runs with "
+                          "report.runs=[<parent run id>,...]).")
+    return selected, notes
+
+
+def download_artifact(client: MlflowClient, run: Run, path: str, workdir: Path) -> Path | None:
+    """The run's artifact ``path`` downloaded under ``workdir``; None when the run has no such artifact."""
+    folder = str(Path(path).parent)
+    listed = {item.path for item in client.list_artifacts(run.info.run_id, None if folder == "." else folder)}
+    if path not in listed:
+        return None
+    destination = workdir / run.info.run_id
+    destination.mkdir(parents=True, exist_ok=True)
+    return Path(client.download_artifacts(run.info.run_id, path, str(destination)))
+
+
+def read_csv_artifact(client: MlflowClient, run: Run, path: str, workdir: Path) -> pd.DataFrame | None:
+    local = download_artifact(client, run, path, workdir)
+    return None if local is None else pd.read_csv(local)
+
+
+# ------------------------------------------------------------------------------------------------ tables
+def _metric(run: Run, key: str) -> float:
+    return float(run.data.metrics.get(key, math.nan))
+
+
+def dr_table(selected: Sequence[SelectedRun], ui_url: str) -> pd.DataFrame:
+    """One row per teacher / student / student_qat child run of the selected dr-distill runs."""
+    rows = []
+    for parent in (s for s in selected if s.kind == DR):
+        for child in parent.children:
+            stage = child.info.run_name
+            if stage not in DR_STAGES:
+                continue  # e.g. the bench child run of make bench
+            rows.append({
+                "parent_id": parent.parent.info.run_id, "run": run_link(ui_url, parent.parent, parent.name),
+                "stage": stage,
+                "precision": "int8" if stage == "student_qat" else "fp32",
+                "qwk": _metric(child, "test/qwk"), "acc": _metric(child, "test/acc"),
+                "f1_macro": _metric(child, "test/f1_macro"), "ece": _metric(child, "test/ece"),
+                "params": _metric(child, "model/params"), "macs": _metric(child, "model/macs"),
+                "size_bytes": _metric(child, "model/size_bytes"),
+                "latency_ms": _metric(child, "model/latency_ms_median"),
+                "pipeline_latency_ms": _metric(child, "pipeline/latency_ms_median"),
+                "run_id": run_link(ui_url, child),
+            })
+    return pd.DataFrame(rows, columns=["parent_id", "run", "stage", "precision", "qwk", "acc", "f1_macro",
+                                       "ece", "params", "macs", "size_bytes", "latency_ms",
+                                       "pipeline_latency_ms", "run_id"])
+
+
+def _glaucoma_precision(arm: str, params: Mapping[str, str]) -> str:
+    if arm == "qat":
+        return "int8"
+    if arm == "share":
+        # k shared values per layer: each weight is stored as a log2(k)-bit index
+        k = params.get("chain.callbacks.weight_sharing.k")
+        return f"{math.ceil(math.log2(int(k)))}-bit shared (k={k})" if k and k.isdigit() and int(k) > 1 \
+            else "weight-shared"
+    return "fp32"
+
+
+def glaucoma_table(selected: Sequence[SelectedRun], ui_url: str,
+                   summaries: Mapping[str, pd.DataFrame] | None = None) -> pd.DataFrame:
+    """One row per chain-stage child run of the selected glaucoma-iterations runs; ``summaries[parent id]``
+    (the run's summary.csv) adds each stage's cumulative train time."""
+    rows = []
+    for parent in (s for s in selected if s.kind == GLAUCOMA):
+        summary = (summaries or {}).get(parent.parent.info.run_id)
+        cumulative = {} if summary is None or "cumulative_train_time_s" not in summary else dict(
+            zip(summary["stage"], summary["cumulative_train_time_s"], strict=True))
+        for child in parent.children:
+            arm = child.data.tags.get("arm")
+            if arm is None:
+                continue  # e.g. the bench child run of make bench
+            base = child.data.tags.get("base", "")
+            rows.append({
+                "parent_id": parent.parent.info.run_id, "run": run_link(ui_url, parent.parent, parent.name),
+                "stage": child.info.run_name, "arm": arm,
+                "base": int(base) if base.isdigit() else math.nan,
+                "precision": _glaucoma_precision(arm, child.data.params),
+                "dice": _metric(child, "test/dice"), "iou": _metric(child, "test/iou"),
+                "hd95": _metric(child, "test/hd95"),
+                "false_detections": _metric(child, "test/false_detections"),
+                "edge_case_detection": _metric(child, "test/edge_case_detection"),
+                "params": _metric(child, "model/params"), "size_bytes": _metric(child, "model/size_bytes"),
+                "latency_ms": _metric(child, "model/latency_ms_median"),
+                "epochs": _metric(child, "chain/epochs"),
+                "train_time_s": _metric(child, "chain/train_time_s"),
+                "cumulative_train_time_s": float(cumulative.get(child.info.run_name, math.nan)),
+                "liminal": "", "run_id": run_link(ui_url, child),
+            })
+    return pd.DataFrame(rows, columns=[
+        "parent_id", "run", "stage", "arm", "base", "precision", "dice", "iou", "hd95", "false_detections",
+        "edge_case_detection", "params", "size_bytes", "latency_ms", "epochs", "train_time_s",
+        "cumulative_train_time_s", "liminal", "run_id"])
+
+
+def liminal_result(selected: SelectedRun, summary: pd.DataFrame | None) -> LiminalResult:
+    """The chain's liminal point per arm, from its own summary table and tolerance (``liminal_points``)."""
+    params, metrics = selected.parent.data.params, selected.parent.data.metrics
+    tolerance = float(params.get("chain.liminal_tolerance", 0.05))
+    columns = ["arm", "stage", "base", "dice", "edge_case_detection", "latency_ms", "size_bytes"]
+    if summary is None:
+        return LiminalResult(selected.parent, tolerance, pd.DataFrame(columns=columns),
+                             problem=f"run {selected.parent.info.run_id} has no {SUMMARY_ARTIFACT} artifact "
+                                     "(an unfinished or an older chain): rerun the chain to get its summary")
+    points = liminal_points(summary, tolerance)
+    # the first network is the reference, not a candidate; "any" names the arm of its stage in ``stage``
+    rows = [{**(point or {"stage": "none of its bases qualifies"}), "arm": arm}
+            for arm, point in points.items() if arm != BASE_ARM]
+    table = pd.DataFrame(rows).reindex(columns=columns)
+    # the chain logged each arm's liminal base; they differ only if the table was edited since
+    logged = {key.removeprefix("liminal/").removesuffix("_base"): value for key, value in metrics.items()
+              if key.startswith("liminal/")}
+    computed = {arm: float(point["base"]) for arm, point in points.items() if point is not None}
+    mismatch = None if logged == computed else (
+        f"the parent run's liminal/*_base metrics {logged} differ from its summary.csv's {computed}")
+    return LiminalResult(selected.parent, tolerance, table, mismatch=mismatch)
+
+
+def mark_liminal(table: pd.DataFrame, results: Sequence[LiminalResult]) -> pd.DataFrame:
+    """The glaucoma table with each stage's ``liminal`` cell naming the arms whose liminal point it is."""
+    table = table.copy()
+    for result in results:
+        for row in result.points.dropna(subset=["base"]).itertuples():
+            match = (table["stage"] == row.stage) & (table["parent_id"] == result.parent.info.run_id)
+            table.loc[match, "liminal"] = [", ".join(filter(None, [cell, row.arm])) for cell in
+                                           table.loc[match, "liminal"]]
+    return table
+
+
+# ------------------------------------------------------------------------------------------------- bench
+def find_bench_run(client: MlflowClient, selected: Sequence[SelectedRun], setting: str | None,
+                   experiment_name: str, tracking_uri: str) -> Run | None:
+    """``setting``: None (no bench section), a run id, or ``latest``: the newest ``bench`` child run of a
+    selected run (make bench logs one under each parent it measured), else the latest FINISHED run of the
+    bench experiment."""
+    if setting is None or str(setting).strip().lower() in {"", "null", "none"}:
+        return None
+    if str(setting) != "latest":
+        return _get_run(client, str(setting), "report.bench", tracking_uri)
+    children = [c for s in selected for c in s.children if c.info.run_name == "bench"]
+    if children:
+        return max(children, key=lambda run: run.info.start_time)
+    parents = latest_parent_runs(client, experiment_name)
+    return parents[0] if parents else None
+
+
+def bench_result(client: MlflowClient, run: Run, workdir: Path) -> BenchResult | None:
+    """bench.csv (one row per model and backend) with a ``precision`` column, and pareto.png."""
+    table = read_csv_artifact(client, run, BENCH_CSV, workdir)
+    if table is None:
+        log.warning("The bench run %s has no %s artifact: no bench section", run.info.run_id, BENCH_CSV)
+        return None
+    table.insert(table.columns.get_loc("backend") + 1, "precision",
+                 table["backend"].map(BENCH_PRECISION).fillna(table["backend"]))
+    png = download_artifact(client, run, BENCH_PARETO, workdir)
+    sources = [f"{key.removesuffix('_source')}: {value}" for key, value in sorted(run.data.tags.items())
+               if key.endswith("_source")]
+    where = run.data.tags.get("bench_run_dir")
+    note = "; ".join(sources) or (f"the bench of this run (bench run directory {where})" if where else "")
+    return BenchResult(run, table, png.read_bytes() if png is not None else None, note)
+
+
+# ------------------------------------------------------------------------------------ distillation gain
+def grading_scores(truth: np.ndarray, predicted: np.ndarray, num_classes: int) -> np.ndarray:
+    """[QWK, accuracy, macro F1] of one student's grades (the order of ``GAIN_METRICS``)."""
+    labels = list(range(num_classes))
+    return np.array([cohen_kappa_score(truth, predicted, weights="quadratic", labels=labels),
+                     accuracy_score(truth, predicted),
+                     f1_score(truth, predicted, average="macro", labels=labels, zero_division=0.0)])
+
+
+def pair_predictions(with_teacher: pd.DataFrame, without_teacher: pd.DataFrame) -> pd.DataFrame:
+    """``image, label, with_teacher, without_teacher``: the two students' test predictions (the
+    ``predictions/test_predictions.csv`` columns ``image, label, prediction``) matched image by image.
+
+    Raises:
+        ValueError: missing columns, or the two files do not hold the same test images with the same labels.
+    """
+    for name, frame in (("distilled", with_teacher), ("no-teacher", without_teacher)):
+        missing = {"image", "label", "prediction"} - set(frame.columns)
+        if missing:
+            raise ValueError(f"the {name} student's {PREDICTIONS_ARTIFACT} lacks the column(s) "
+                             f"{sorted(missing)}")
+    a, b = (f.set_index(f["image"].astype(str)) for f in (with_teacher, without_teacher))
+    if a.index.has_duplicates or b.index.has_duplicates:
+        raise ValueError(f"an image appears twice in a {PREDICTIONS_ARTIFACT}: it must hold one row per test "
+                         "image")
+    only_a, only_b = sorted(set(a.index) - set(b.index)), sorted(set(b.index) - set(a.index))
+    if only_a or only_b:
+        raise ValueError(f"the two students were tested on different images ({len(only_a)} only in the "
+                         f"distilled student's predictions, e.g. {only_a[:3]}; {len(only_b)} only in the "
+                         f"other's, e.g. {only_b[:3]}): they are not the same test split")
+    b = b.loc[a.index]
+    differ = a.index[a["label"].to_numpy() != b["label"].to_numpy()]
+    if len(differ):
+        raise ValueError(f"the two prediction files give different true grades for {len(differ)} images "
+                         f"(e.g. {list(differ[:3])}): they were not made from the same labels")
+    return pd.DataFrame({"image": a.index, "label": a["label"].to_numpy(dtype=int),
+                         "with_teacher": a["prediction"].to_numpy(dtype=int),
+                         "without_teacher": b["prediction"].to_numpy(dtype=int)}).reset_index(drop=True)
+
+
+def paired_bootstrap_gain(paired: pd.DataFrame, num_classes: int,
+                          settings: BootstrapSettings) -> pd.DataFrame:
+    """Test QWK, accuracy and macro F1 of both students, their difference (with - without teacher) and its
+    confidence interval from a paired bootstrap over test images (``scipy.stats.bootstrap(paired=True)``:
+    each resample draws images with replacement and scores both students on the same images).
+
+    ``paired``: :func:`pair_predictions`' frame. A gain that is undefined on some resamples (the QWK of a
+    resample holding a single grade) gives a NaN interval. The statistic calls sklearn's metrics once per
+    resample (2000 resamples of 550 images: about 10 s on one core).
+    """
+    if len(paired) < 2:
+        raise ValueError(f"{len(paired)} test image(s): a bootstrap interval needs at least 2")
+    truth, with_teacher, without_teacher = (paired[c].to_numpy() for c in ("label", "with_teacher",
+                                                                            "without_teacher"))
+
+    def gain(truth: np.ndarray, with_teacher: np.ndarray, without_teacher: np.ndarray) -> np.ndarray:
+        return grading_scores(truth, with_teacher, num_classes) - grading_scores(truth, without_teacher,
+                                                                                 num_classes)
+
+    # sklearn's argument checks are most of each call's time; the inputs are checked once, above
+    quiet = np.errstate(invalid="ignore", divide="ignore")
+    with sklearn.config_context(skip_parameter_validation=True), quiet:
+        result = stats.bootstrap((truth, with_teacher, without_teacher), gain, paired=True, vectorized=False,
+                                 n_resamples=settings.n_resamples, confidence_level=settings.confidence_level,
+                                 method=settings.method, rng=np.random.default_rng(settings.seed))
+        scores_with = grading_scores(truth, with_teacher, num_classes)
+        scores_without = grading_scores(truth, without_teacher, num_classes)
+    return pd.DataFrame({"metric": list(GAIN_METRICS.values()), "with_teacher": scores_with,
+                         "without_teacher": scores_without, "gain": scores_with - scores_without,
+                         "ci_low": result.confidence_interval.low,
+                         "ci_high": result.confidence_interval.high})
+
+
+def student_only_command(overrides: str) -> str:
+    """The make command that trains the no-teacher twin of a dr-distill run made with ``overrides`` (its
+    ``overrides`` tag): the same data and settings, the student alone (experiment/dr_student_only.yaml)."""
+    dropped = ("stages=", "distill=", "resume=")
+    kept = [o for o in overrides.split() if o != "(none)" and not o.startswith(dropped)]
+    experiment = next((o.split("=", 1)[1] for o in kept if o.startswith("experiment=")), CPU_EXPERIMENT)
+    if experiment in (CPU_EXPERIMENT, "dr_student_only"):
+        args = [o for o in kept if not o.startswith("experiment=")] + ["experiment=dr_student_only"]
+    else:  # dr_student_only derives from the CPU experiment; any other keeps its own and drops the teacher
+        args = [*kept, "distill=none", "stages=[student]"]
+    return f'make dr-distill ARGS="{" ".join(args)}"'
+
+
+def rerun_command(parent: Run) -> str:
+    overrides = parent.data.tags.get("overrides", "(none)")
+    return "make dr-distill" if overrides in {"", "(none)"} else f'make dr-distill ARGS="{overrides}"'
+
+
+def split_test_ids(client: MlflowClient, run: Run, workdir: Path) -> frozenset[str] | None:
+    """The sample ids of the run's test split (its ``run/splits.csv``), None when it was not logged."""
+    table = read_csv_artifact(client, run, SPLITS_ARTIFACT, workdir)
+    if table is None or not {"split", "sample_id"} <= set(table.columns):
+        return None
+    return frozenset(table.loc[table["split"] == "test", "sample_id"].astype(str))
+
+
+def _mismatch(client: MlflowClient, distilled: Run, candidate: Run, workdir: Path) -> str | None:
+    """Why ``candidate`` (a no-teacher student run) was not tested like ``distilled``; None when it was."""
+    ours, theirs = (run.data.tags.get("data_fingerprint") for run in (distilled, candidate))
+    if ours != theirs:
+        return f"other data (data_fingerprint {theirs}, the distilled student's is {ours})"
+    ours_ids, theirs_ids = (split_test_ids(client, run, workdir) for run in (distilled, candidate))
+    if ours_ids is not None and theirs_ids is not None and ours_ids != theirs_ids:
+        return f"another test split ({len(ours_ids ^ theirs_ids)} test images differ in {SPLITS_ARTIFACT})"
+    return None
+
+
+def find_student_without_teacher(
+    client: MlflowClient, distilled: SelectedRun, explicit: str | None, tracking_uri: str, workdir: Path,
+) -> tuple[SelectedRun | None, list[str], str | None]:
+    """(the counterpart run, the no-teacher runs rejected with their reason, why ``explicit`` does not
+    qualify).
+
+    ``explicit``: a parent (or student) run id from ``report.student_without_teacher``; None searches the
+    distilled run's experiment, newest first, for a FINISHED run whose student learned without a teacher on
+    the same data (``data_fingerprint``) and test split (``run/splits.csv``).
+    """
+    student = distilled.child("student")
+    if explicit:
+        option = "report.student_without_teacher"
+        parent = _parent_of(client, _get_run(client, explicit, option, tracking_uri), option, tracking_uri)
+        candidate = SelectedRun(DR, parent, child_runs(client, parent),
+                                client.get_experiment(parent.info.experiment_id).name)
+        other = candidate.child("student")
+        if other is None:
+            return None, [], f"{option}={explicit}: run {candidate.name!r} has no student stage"
+        if student_distills(other.data.params):
+            teacher = other.data.params.get("teacher_checkpoint")
+            return None, [], (f"{option}={explicit}: the student of {candidate.name!r} learned from a "
+                              f"teacher (teacher_checkpoint={teacher}); name a run made with "
+                              "experiment=dr_student_only or distill=none")
+        problem = _mismatch(client, student, other, workdir)
+        return (candidate, [], None) if problem is None else (None, [], f"{option}={explicit}: {problem}")
+    rejected = []
+    for parent in latest_parent_runs(client, distilled.experiment_name):
+        if parent.info.run_id == distilled.parent.info.run_id:
+            continue
+        children = child_runs(client, parent)
+        other = next((c for c in children if c.info.run_name == "student"), None)
+        if other is None or student_distills(other.data.params):
+            continue
+        problem = _mismatch(client, student, other, workdir)
+        if problem is None:
+            return SelectedRun(DR, parent, children, distilled.experiment_name), rejected, None
+        rejected.append(f"{parent.info.run_name} ({parent.info.run_id}): {problem}")
+    return None, rejected, None
+
+
+def _num_classes(*frames: pd.DataFrame) -> int:
+    """K from the ``prob_0 .. prob_{K-1}`` columns (the predictions file), else from the largest grade seen."""
+    probs = max(sum(str(c).startswith("prob_") for c in f.columns) for f in frames)
+    seen = max(int(max(f["label"].max(), f["prediction"].max())) + 1 for f in frames)
+    return max(probs, seen, 2)
+
+
+def distillation_gain(client: MlflowClient, distilled: SelectedRun, explicit: str | None,
+                      settings: BootstrapSettings, tracking_uri: str, workdir: Path) -> DistillationGain:
+    """The distilled student against its no-teacher counterpart on the same test images, or the reason
+    there is no number and the run that would give one."""
+    result = DistillationGain(distilled)
+    student = distilled.child("student")
+    if student is None:
+        result.problem = f"{distilled.name} has no student stage: nothing was distilled"
+        return result
+    counterpart, result.rejected, problem = find_student_without_teacher(client, distilled, explicit,
+                                                                         tracking_uri, workdir)
+    command = student_only_command(distilled.parent.data.tags.get("overrides", "(none)"))
+    if counterpart is None:
+        result.problem = problem or (
+            f"No finished {distilled.experiment_name} run trained the student without a teacher on the same "
+            f"data and test split as {distilled.name} (data_fingerprint "
+            f"{distilled.parent.data.tags.get('data_fingerprint')}). Make one with `{command}` and rerun the "
+            "report, or name one with `report.student_without_teacher=<parent run id>`.")
+        return result
+    result.counterpart = counterpart
+    other = counterpart.child("student")
+    frames = {}
+    owners = ((student, distilled, rerun_command(distilled.parent)), (other, counterpart, command))
+    for run, owner, remake in owners:
+        frame = read_csv_artifact(client, run, PREDICTIONS_ARTIFACT, workdir)
+        if frame is None:
+            result.problem = (f"The student run {run.info.run_id} of {owner.name} has no "
+                              f"{PREDICTIONS_ARTIFACT} artifact (it was made before per-image test "
+                              f"predictions were logged): rerun `{remake}` and then the report.")
+            return result
+        frames[owner.parent.info.run_id] = frame
+    with_teacher = frames[distilled.parent.info.run_id]
+    without_teacher = frames[counterpart.parent.info.run_id]
+    try:
+        paired = pair_predictions(with_teacher, without_teacher)
+    except ValueError as error:
+        result.problem = (f"Cannot pair the two students' test predictions: {error}. Make the counterpart "
+                          f"again with `{command}`.")
+        return result
+    result.images = len(paired)
+    result.table = paired_bootstrap_gain(paired, _num_classes(with_teacher, without_teacher), settings)
+    return result
+
+
+# ------------------------------------------------------------------------------------------------ all of it
+def collect_report(client: MlflowClient, tracking_uri: str, *, ui_url: str, run_ids: Sequence[str] = (),
+                   experiments: Mapping[str, str] | None = None, bench: str | None = "latest",
+                   student_without_teacher: str | None = None,
+                   bootstrap: BootstrapSettings | None = None) -> ReportData:
+    """Select the runs and read everything the report shows (see the module docstring).
+
+    Raises:
+        NoRunsError: no run to report on, or a run id that is not in the store.
+    """
+    experiments = {**DEFAULT_EXPERIMENTS, **(experiments or {})}
+    bootstrap = bootstrap or BootstrapSettings()
+    selected, notes = select_runs(client, tracking_uri, run_ids, experiments)
+    notes += [f"Run {s.name} ({s.parent.info.run_id}) is {s.parent.info.status}, not FINISHED: its numbers "
+              "may be incomplete." for s in selected if s.parent.info.status != "FINISHED"]
+    with tempfile.TemporaryDirectory(prefix="report-") as tmp:
+        workdir = Path(tmp)
+        chains = [s for s in selected if s.kind == GLAUCOMA]
+        summaries = {s.parent.info.run_id: read_csv_artifact(client, s.parent, SUMMARY_ARTIFACT, workdir)
+                     for s in chains}
+        liminal = [liminal_result(s, summaries[s.parent.info.run_id]) for s in chains]
+        bench_run = find_bench_run(client, selected, bench, experiments["bench"], tracking_uri)
+        bench_rows = None if bench_run is None else bench_result(client, bench_run, workdir)
+        if bench_run is None and str(bench) == "latest":
+            notes.append("No `make bench` run of these runs nor in the bench experiment: run `make bench` "
+                         "for every model on every CPU backend (fp32, channels-last, bf16, ONNX Runtime fp32 "
+                         "and int8, weight-shared).")
+        gains = []
+        for run in (s for s in selected if s.kind == DR):
+            student = run.child("student")
+            if student is not None and not student_distills(student.data.params):
+                notes.append(f"{run.name} trained its student without a teacher: it is the counterpart of a "
+                             "distillation gain, not a distilled run.")
+                continue
+            gains.append(distillation_gain(client, run, student_without_teacher, bootstrap, tracking_uri,
+                                           workdir))
+    return ReportData(
+        tracking_uri=tracking_uri, selected=selected, notes=notes, dr_table=dr_table(selected, ui_url),
+        glaucoma_table=mark_liminal(glaucoma_table(selected, ui_url, summaries), liminal), liminal=liminal,
+        bench=bench_rows, gains=gains, ui_url=ui_url, bootstrap=bootstrap)

@@ -1,0 +1,391 @@
+"""``make report`` in process: from a store made by real tiny runs, from a hand-made store, and the
+distillation gain's paired bootstrap on hand-made predictions."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+from experiments.glaucoma_chain import run_glaucoma_chain
+from experiments.report import run_report
+from experiments.report_data import (
+    BootstrapSettings,
+    NoRunsError,
+    pair_predictions,
+    paired_bootstrap_gain,
+    student_only_command,
+)
+from experiments.report_render import format_number
+from experiments.tracking import default_artifact_root
+from experiments.train_dr import run_dr_distill
+from tests.experiments.helpers import compose_config, mlflow_store
+
+#: the figures and deployment bundles of the test stage take time and the report reads none of them
+NO_EXTRAS = ["++callbacks.deployment_bundle=null", "++callbacks.grading_explanations=null",
+             "++callbacks.segmentation_overlays=null"]
+DISTILLED = [*NO_EXTRAS, "debug=tiny", "stages=[teacher,student,student_qat]", "qat.max_epochs=1",
+             # an almost untrained tiny student: its int8 logits need not stay close to fp32's
+             "qat.callback.max_mean_abs_logit_diff=100"]
+STUDENT_ONLY = [*NO_EXTRAS, "debug=tiny", "experiment=dr_student_only"]
+CHAIN = [*NO_EXTRAS, "debug=tiny", "chain.bases=[16,8]", "chain.finishers=[qat,share]",
+         "chain.finish_after=[prune-8]", "chain.max_epochs.qat=1", "chain.max_epochs.share=1",
+         # an almost untrained tiny network: its int8 masks need not agree with fp32's
+         "chain.callbacks.qat.min_mask_dice=0", "chain.callbacks.qat.max_mean_abs_logit_diff=100"]
+CHAIN_STAGES = ["base-16", "prune-8", "kd-8", "qat-prune-8", "share-prune-8"]
+FEW_RESAMPLES = "report.bootstrap.n_resamples=200"
+
+
+def _report(project: Path, monkeypatch, overrides: list[str], out: str) -> tuple[dict[str, Path], str, str]:
+    monkeypatch.setenv("PROJECT_ROOT", str(project))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    # the Hydra run directory, unless the overrides name report.output_dir
+    cfg = compose_config("report", overrides, project / "outputs" / "report" / out)
+    files = run_report(cfg)
+    return files, files["html"].read_text(), files["markdown"].read_text()
+
+
+def _section(markdown: str, title: str) -> str:
+    """The Markdown under the heading ``title``, up to the next heading of the same or a higher level."""
+    lines = markdown.splitlines()
+    start = next((i for i, line in enumerate(lines) if re.fullmatch(rf"#+ {re.escape(title)}", line)), None)
+    assert start is not None, f"no section {title!r} in the report"
+    level = len(lines[start].split(" ")[0])
+    end = next((i for i in range(start + 1, len(lines))
+                if re.match(rf"#{{1,{level}}} ", lines[i])), len(lines))
+    return "\n".join(lines[start + 1:end])
+
+
+def _row(markdown: str, run_id: str) -> str:
+    """The Markdown table row whose last cell links to ``run_id``."""
+    rows = [line for line in markdown.splitlines() if line.startswith("|") and f"[{run_id}]" in line]
+    assert len(rows) == 1, f"{len(rows)} table rows for run {run_id}"
+    return rows[0]
+
+
+# ------------------------------------------------------------------------------ a store made by tiny runs
+@pytest.fixture(scope="module")
+def tiny_store(tmp_path_factory) -> Path:
+    """A project whose MLflow store holds a distilled dr-distill run (teacher, student, student_qat), a later
+    student-only run on the same data, and a glaucoma chain with both arms and both finishers."""
+    project = tmp_path_factory.mktemp("tiny_project")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PROJECT_ROOT", str(project))
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        runs = project / "outputs" / "dr-distill" / "runs"
+        run_dr_distill(compose_config("train_dr", DISTILLED, runs / "distilled"))
+        run_dr_distill(compose_config("train_dr", STUDENT_ONLY, runs / "student_only"))
+        run_glaucoma_chain(compose_config("glaucoma_chain", CHAIN,
+                                          project / "outputs" / "glaucoma-iterations" / "runs" / "chain"))
+    return project
+
+
+def _parents(client: MlflowClient, experiment: str) -> dict[str, object]:
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    return {run.info.run_name: run for run in runs if MLFLOW_PARENT_RUN_ID not in run.data.tags}
+
+
+def _children(client: MlflowClient, parent) -> dict[str, object]:
+    runs = client.search_runs([parent.info.experiment_id],
+                              filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent.info.run_id}'")
+    return {run.info.run_name: run for run in runs}
+
+
+def test_report_of_tiny_runs_has_a_row_for_every_stage_run(tiny_store: Path, monkeypatch):
+    files, page, markdown = _report(tiny_store, monkeypatch, [FEW_RESAMPLES], "report_a")
+    client = mlflow_store(tiny_store)
+    distilled = next(run for name, run in _parents(client, "dr-distill").items() if "student_qat" in name)
+    chain = next(iter(_parents(client, "glaucoma-iterations").values()))
+    dr_children, chain_children = _children(client, distilled), _children(client, chain)
+    assert set(dr_children) == {"teacher", "student", "student_qat"}
+    assert set(chain_children) == set(CHAIN_STAGES)
+
+    # the distilled run is the default, although the student-only run is newer
+    assert f"[{distilled.info.run_id}]" in _section(markdown, "Selected runs")
+    dr_section = _section(markdown, "Diabetic retinopathy grading (dr-distill)")
+    chain_section = _section(markdown, "Optic-disc segmentation (glaucoma-iterations)")
+    for section, children in ((dr_section, dr_children), (chain_section, chain_children)):
+        for stage, child in children.items():
+            assert child.info.run_id in page and f"{stage}</td>" in page
+            row = _row(section, child.info.run_id)
+            assert f"| {stage} " in row
+            assert f"| {format_number(child.data.metrics['model/params'])} " in row
+            assert f"/#/experiments/{child.info.experiment_id}/runs/{child.info.run_id})" in row
+    assert "| int8 " in _row(dr_section, dr_children["student_qat"].info.run_id)
+    assert "| fp32 " in _row(dr_section, dr_children["teacher"].info.run_id)
+    assert "| int8 " in _row(chain_section, chain_children["qat-prune-8"].info.run_id)
+    assert "| 4-bit shared (k=16) " in _row(chain_section, chain_children["share-prune-8"].info.run_id)
+    qwk = dr_children["student"].data.metrics["test/qwk"]
+    assert f"| {format_number(qwk)} " in _row(dr_section, dr_children["student"].info.run_id)
+
+    # the chain's own liminal verdict: the base it logged, for every arm
+    liminal = _section(markdown, f"Liminal point of {chain.info.run_name}")
+    for key, base in chain.data.metrics.items():
+        if key.startswith("liminal/") and key != "liminal/base_base":
+            arm = key.removeprefix("liminal/").removesuffix("_base")
+            assert re.search(rf"^\| {arm} +\| \S+ +\| {int(base)} ", liminal, flags=re.M), liminal
+
+    # self-contained HTML, Markdown beside its figure, in the Hydra run directory
+    assert files["html"].parent == tiny_store / "outputs" / "report" / "report_a"
+    assert (files["markdown"].parent / "pareto.png").is_file() and "](pareto.png)" in markdown
+    assert page.count('src="data:image/png;base64,') >= 1
+    assert "<link" not in page and "<script" not in page and not re.search(r'src="(?!data:)', page)
+
+    # logged to the report experiment, named after the selected runs
+    (logged,) = client.search_runs([client.get_experiment_by_name("report").experiment_id])
+    # the two names are longer together than MLflow's 250 characters: cut, and the tag keeps both ids
+    assert logged.info.run_name.startswith(f"report[{distilled.info.run_name} + glau")
+    assert len(logged.info.run_name) == 250 and logged.info.run_name.endswith("...]")
+    assert logged.data.tags["report.runs"] == f"{distilled.info.run_id},{chain.info.run_id}"
+    assert logged.info.status == "FINISHED"
+    assert {a.path for a in client.list_artifacts(logged.info.run_id, "report")} >= {
+        "report/report.html", "report/report.md", "report/pareto.png"}
+
+
+def test_distillation_gain_of_tiny_runs_finds_the_student_only_run(tiny_store: Path, monkeypatch):
+    overrides = [FEW_RESAMPLES, "report.log_to_mlflow=false"]
+    _, _, markdown = _report(tiny_store, monkeypatch, overrides, "report_b")
+    client = mlflow_store(tiny_store)
+    student_only = next(run for name, run in _parents(client, "dr-distill").items() if "student_only" in name)
+    distilled = next(run for name, run in _parents(client, "dr-distill").items() if "student_qat" in name)
+    gain = _section(markdown, "Distillation gain")
+    assert f"(parent run {student_only.info.run_id})" in gain
+    students = [_children(client, parent)["student"] for parent in (distilled, student_only)]
+    has_predictions = [any(a.path == "predictions/test_predictions.csv"
+                           for a in client.list_artifacts(s.info.run_id, "predictions")) for s in students]
+    if all(has_predictions):
+        assert "95% CI low" in gain and "No distillation gain" not in gain
+    else:  # runs made before the per-image predictions were logged: the section says what to rerun
+        lacking = students[has_predictions.index(False)]
+        assert f"The student run {lacking.info.run_id} of" in gain
+        assert "has no predictions/test_predictions.csv" in gain
+        assert "95% CI low" not in gain
+
+
+def test_explicit_runs_compare_two_runs_of_a_pipeline(tiny_store: Path, tmp_path: Path, monkeypatch):
+    client = mlflow_store(tiny_store)
+    parents = _parents(client, "dr-distill")
+    student_only = next(run for name, run in parents.items() if "student_only" in name)
+    distilled = next(run for name, run in parents.items() if "student_qat" in name)
+    teacher = _children(client, distilled)["teacher"]  # a stage's run stands for its parent
+    files, _, markdown = _report(tiny_store, monkeypatch, [
+        FEW_RESAMPLES, "report.log_to_mlflow=false", "report.bench=null", f"report.output_dir={tmp_path}",
+        f"report.runs=[{student_only.info.run_id},{teacher.info.run_id}]"], "report_e")
+    assert files["html"] == tmp_path / "report.html"
+    dr = _section(markdown, "Diabetic retinopathy grading (dr-distill)")
+    for parent in (student_only, distilled):  # each stage's row names its parent run
+        for child in _children(client, parent).values():
+            assert f"| [{parent.info.run_name}](" in _row(dr, child.info.run_id)
+    assert "trained its student without a teacher: it is the counterpart" in markdown
+    assert "Optic-disc segmentation" not in markdown and "Liminal point" not in markdown  # not selected
+    assert f"(parent run {student_only.info.run_id})" in _section(markdown, "Distillation gain")
+
+
+def test_an_unknown_experiment_or_a_missing_store_is_a_clear_error(tiny_store: Path, tmp_path: Path,
+                                                                   monkeypatch):
+    overrides = ["report.experiments.dr=no-such-dr", "report.experiments.glaucoma=no-such-chain"]
+    with pytest.raises(NoRunsError, match="no finished no-such-dr or no-such-chain run.*make dr-distill"):
+        _report(tiny_store, monkeypatch, overrides, "report_c")
+    with pytest.raises(NoRunsError, match="no run 0123abc in the MLflow store"):
+        _report(tiny_store, monkeypatch, ["report.runs=[0123abc]"], "report_d")
+    empty = tmp_path / "fresh_clone"
+    with pytest.raises(NoRunsError, match=r"no MLflow store at .*mlflow.db: run `make dr-distill`"):
+        _report(empty, monkeypatch, [], "report")
+    assert not (empty / "mlruns").exists()  # the report did not create an empty store
+
+
+# ----------------------------------------------------------------------------------- a hand-made store
+GRADES = np.array([0, 1, 2, 3, 4] * 8)
+#: off by one grade on every image (grade 4 called 3)
+OFF_BY_ONE = np.where(GRADES < 4, GRADES + 1, 3)
+
+
+def _predictions(labels: np.ndarray, predictions: np.ndarray,
+                 images: list[str] | None = None) -> pd.DataFrame:
+    """The predictions file's columns (callbacks.classification_diagnostics.predictions_table); the probabilities put all mass on the prediction."""
+    images = images or [f"img{i:03d}.png" for i in range(len(labels))]
+    frame = pd.DataFrame({"image": images, "label": labels, "prediction": predictions})
+    for grade in range(5):
+        frame[f"prob_{grade}"] = (predictions == grade).astype(float)
+    return frame
+
+
+def _splits(test_ids: list[str]) -> pd.DataFrame:
+    return pd.DataFrame({"sample_id": test_ids + ["train_a", "train_b"], "patient": test_ids + ["a", "b"],
+                         "label": 0, "split": ["test"] * len(test_ids) + ["train", "train"], "path": "x"})
+
+
+class _Store:
+    """Writes runs into an MLflow store the way the entry points leave them."""
+
+    def __init__(self, project: Path):
+        self.project = project
+        self.client = mlflow_store(project)
+        self.clock = 1_700_000_000_000
+        self.files = project / "files"
+
+    def experiment(self, name: str) -> str:
+        return self.client.create_experiment(name, artifact_location=default_artifact_root(self.project))
+
+    def run(self, experiment: str, name: str, parent=None, tags: Mapping[str, str] | None = None,
+            params: Mapping[str, str] | None = None, metrics: Mapping[str, float] | None = None,
+            artifacts: Mapping[str, pd.DataFrame] | None = None):
+        self.clock += 1000  # distinct start times: "latest" must not depend on creation speed
+        all_tags = {MLFLOW_RUN_NAME: name, **(tags or {})}
+        if parent is not None:
+            all_tags[MLFLOW_PARENT_RUN_ID] = parent.info.run_id
+        run = self.client.create_run(experiment, start_time=self.clock, tags=all_tags)
+        run_id = run.info.run_id
+        self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in (params or {}).items()],
+                              metrics=[Metric(k, float(v), self.clock, 0)
+                                       for k, v in (metrics or {}).items()])
+        for path, frame in (artifacts or {}).items():
+            local = self.files / run_id / path
+            local.parent.mkdir(parents=True, exist_ok=True)
+            frame.to_csv(local, index=False)
+            self.client.log_artifact(run_id, str(local), artifact_path=str(Path(path).parent))
+        self.client.set_terminated(run_id, "FINISHED")
+        return self.client.get_run(run_id)
+
+    def dr_run(self, experiment: str, name: str, fingerprint: str, distilled: bool,
+               predictions: pd.DataFrame | None, test_ids: list[str]):
+        tags = {"data_fingerprint": fingerprint,
+                "overrides": "(none)" if distilled else "experiment=dr_student_only"}
+        parent = self.run(experiment, name, tags=tags)
+        if distilled:
+            self.run(experiment, "teacher", parent, tags, metrics={"test/qwk": 0.5, "model/params": 1000})
+        params = {"teacher_checkpoint": "/t/best.ckpt" if distilled else "None",
+                  "alpha_start": 0.2 if distilled else 0.0, "alpha_end": 0.8 if distilled else 0.0}
+        artifacts = {"run/splits.csv": _splits(test_ids)}
+        if predictions is not None:
+            artifacts["predictions/test_predictions.csv"] = predictions
+        metrics = {"test/qwk": 0.4, "model/params": 500}
+        self.run(experiment, "student", parent, tags, params, metrics, artifacts)
+        return parent
+
+
+@pytest.fixture(scope="module")
+def hand_made_store(tmp_path_factory) -> dict[str, object]:
+    """``dr-paired``: a distilled run right on every test image and a student-only run off by one grade on
+    every image, same data and split; ``dr-lonely``: a distilled run whose only student-only run used other
+    data; ``bench-hand``: a make-bench run."""
+    project = tmp_path_factory.mktemp("hand_made_project")
+    store = _Store(project)
+    ids = [f"img{i:03d}.png" for i in range(len(GRADES))]
+    paired = store.experiment("dr-paired")
+    runs = {"project": project,
+            "paired_distilled": store.dr_run(paired, "distilled", "fp1", True, _predictions(GRADES, GRADES),
+                                             ids)}
+    # the student-only file lists the images in another order: pairing is by image name
+    shuffled = _predictions(GRADES, OFF_BY_ONE).sample(frac=1.0, random_state=0)
+    runs["paired_student_only"] = store.dr_run(paired, "student-only", "fp1", False, shuffled, ids)
+    lonely = store.experiment("dr-lonely")
+    runs["lonely_student_only"] = store.dr_run(lonely, "other data, no teacher", "fp2", False,
+                                               _predictions(GRADES, OFF_BY_ONE), ids)
+    runs["lonely_distilled"] = store.dr_run(lonely, "distilled alone", "fp1", True,
+                                            _predictions(GRADES, GRADES), ids)
+    bench = pd.DataFrame({"pipeline": ["dr", "dr"], "model": ["student", "student"],
+                          "backend": ["eager", "ort_int8"], "source": "trained", "params": [500, 500],
+                          "file_bytes": [2e6, 5e5], "latency_ms_median": [10.0, 3.0],
+                          "latency_vs_fp32": [1.0, 0.3], "quality_metric": "qwk", "quality": [0.4, 0.39],
+                          "quality_delta": [0.0, -0.01], "agreement": [1.0, 0.95], "error": ""})
+    runs["bench"] = store.run(store.experiment("bench-hand"), "bench",
+                              tags={"dr_source": "trained: somewhere"}, artifacts={"bench/bench.csv": bench})
+    return runs
+
+
+HAND = ["report.experiments.glaucoma=no-chain-here", "report.experiments.bench=bench-hand", FEW_RESAMPLES]
+
+
+def test_gain_through_the_store_on_hand_made_predictions(hand_made_store, monkeypatch):
+    project = hand_made_store["project"]
+    _, page, markdown = _report(project, monkeypatch, [*HAND, "report.experiments.dr=dr-paired"], "paired")
+    gain = _section(markdown, "Distillation gain")
+    assert f"(parent run {hand_made_store['paired_student_only'].info.run_id})" in gain
+    assert "same 40 test images" in gain
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in gain.splitlines() if line.startswith("| test ")}
+    # right on every image vs off by one on every image: accuracy and macro F1 1 vs 0 in every resample;
+    # QWK 1 vs 12/17 (hand-computed: 1 - 2.5 / 8.5 with weights (i - j)^2 / 16)
+    assert rows["test accuracy"] == ["1", "0", "1", "1", "1"]
+    assert rows["test macro F1"] == ["1", "0", "1", "1", "1"]
+    with_teacher, without, gain_qwk, low, high = (float(v) for v in rows["test QWK"])
+    assert with_teacher == 1 and without == pytest.approx(12 / 17, abs=1e-4)
+    assert gain_qwk == pytest.approx(5 / 17, abs=1e-4) and 0 < low <= gain_qwk <= high
+    # the hand-made store has no chain: the report says so instead of failing
+    assert "No finished no-chain-here run in the store: run `make glaucoma-iterations`" in markdown
+    assert "Optic-disc segmentation" not in page
+    # the bench section: its rows with their precision
+    bench = _section(markdown, "CPU inference backends (make bench)")
+    assert hand_made_store["bench"].info.run_id in bench and "| int8 (ONNX Runtime) " in bench
+    assert "Measured: dr: trained: somewhere." in bench
+
+
+def test_missing_counterpart_gives_the_run_to_make(hand_made_store, monkeypatch):
+    project = hand_made_store["project"]
+    _, _, markdown = _report(project, monkeypatch, [*HAND, "report.experiments.dr=dr-lonely"], "lonely")
+    gain = _section(markdown, "Distillation gain")
+    assert "No distillation gain: No finished dr-lonely run trained the student without a teacher" in gain
+    assert 'Make one with `make dr-distill ARGS="experiment=dr_student_only"`' in gain
+    other = hand_made_store["lonely_student_only"]
+    assert f"not a counterpart: other data, no teacher ({other.info.run_id}): other data (data_fingerprint " \
+           "fp2" in gain
+    assert "CI low" not in gain
+    # naming the run explicitly does not override the data check
+    named = [*HAND, "report.experiments.dr=dr-lonely", f"report.student_without_teacher={other.info.run_id}"]
+    _, _, markdown = _report(project, monkeypatch, named, "named")
+    gain = _section(markdown, "Distillation gain")
+    assert f"report.student_without_teacher={other.info.run_id}: other data" in gain
+
+
+# ------------------------------------------------------------------------------------ the bootstrap itself
+SETTINGS = BootstrapSettings(n_resamples=100, seed=1)
+
+
+def test_identical_predictions_give_no_gain_and_a_zero_interval():
+    predictions = np.array([0, 1, 1, 2, 3, 4, 4, 0, 2, 3] * 3)
+    labels = np.array([0, 1, 2, 2, 3, 4, 3, 0, 1, 3] * 3)
+    frame = _predictions(labels, predictions)
+    table = paired_bootstrap_gain(pair_predictions(frame, frame), 5, SETTINGS).set_index("metric")
+    assert (table["gain"] == 0).all() and (table["ci_low"] == 0).all() and (table["ci_high"] == 0).all()
+    assert table.loc["test accuracy", "with_teacher"] == pytest.approx(21 / 30)  # 7 of 10 right, three times
+
+
+def test_a_student_better_on_every_image_has_an_interval_above_zero():
+    with_teacher = _predictions(GRADES, GRADES)
+    without = _predictions(GRADES, OFF_BY_ONE)
+    table = paired_bootstrap_gain(pair_predictions(with_teacher, without), 5, SETTINGS).set_index("metric")
+    assert (table["ci_low"] > 0).all()
+    assert table.loc["test QWK", "gain"] == pytest.approx(5 / 17)
+    again = paired_bootstrap_gain(pair_predictions(with_teacher, without), 5, SETTINGS)
+    assert again["ci_low"].tolist() == table["ci_low"].tolist()  # seeded
+
+
+def test_pairing_refuses_other_images_or_other_labels():
+    frame = _predictions(GRADES, GRADES)
+    other_images = _predictions(GRADES, GRADES, [f"other{i}.png" for i in range(len(GRADES))])
+    with pytest.raises(ValueError, match="tested on different images"):
+        pair_predictions(frame, other_images)
+    relabelled = GRADES.copy()
+    relabelled[[1, 7, 13]] = 0
+    with pytest.raises(ValueError, match="different true grades for 3 images"):
+        pair_predictions(frame, _predictions(relabelled, GRADES))
+    with pytest.raises(ValueError, match=r"lacks the column\(s\) \['prediction'\]"):
+        pair_predictions(frame, frame.drop(columns=["prediction"]))
+
+
+@pytest.mark.parametrize(("overrides", "command"), [
+    ("(none)", 'make dr-distill ARGS="experiment=dr_student_only"'),
+    ("data=aptos data.root=/d", 'make dr-distill ARGS="data=aptos data.root=/d experiment=dr_student_only"'),
+    ("experiment=dr_distill_paper data.root=/d",
+     'make dr-distill ARGS="experiment=dr_distill_paper data.root=/d distill=none stages=[student]"'),
+])
+def test_the_student_only_command_keeps_the_distilled_runs_settings(overrides: str, command: str):
+    assert student_only_command(overrides) == command
