@@ -118,7 +118,7 @@ def run_glaucoma_chain(cfg: DictConfig) -> float | None:
     """Run (or resume) the chain; returns the last stage's best validation Dice (for sweepers)."""
     stages = plan_chain(list(cfg.chain.bases), list(cfg.chain.arms), list(cfg.chain.get("finishers") or []),
                         list(cfg.chain.get("finish_after") or []))
-    check_retest(cfg)
+    check_retest(cfg, [stage.name for stage in stages])
     run = start_invocation(cfg)
     ctx, dm = run.ctx, run.datamodule
     log.info("Chain of %d stages: %s", len(stages), ", ".join(s.name for s in stages))

@@ -86,6 +86,11 @@ def create_context(cfg: DictConfig) -> RunContext:
     return RunContext(cfg, project_root, run_dir, run_key, overrides, state, tracker)
 
 
+def _as_command_line(run_key: str) -> str:
+    """A run key (Hydra's override dirname, comma-separated) as the overrides one types."""
+    return "" if run_key == "(defaults)" else " ".join(run_key.split(","))
+
+
 @dataclass
 class Invocation:
     """One run of an entry point: its context, validated data, the files and tags every child run gets."""
@@ -169,12 +174,30 @@ def build_callbacks(callbacks_cfg: DictConfig, stage_dir: Path,
     return callbacks
 
 
-def check_retest(cfg: DictConfig) -> None:
-    """``retest=true`` needs the folder of the run to test again (``resume=true`` would find only unfinished runs
-    and otherwise start, and train, a new one)."""
-    if cfg.get("retest") and (not cfg.resume or str(cfg.resume).lower() in {"true", "1", "yes"}):
+def check_retest(cfg: DictConfig, stages: list[str]) -> None:
+    """Before anything starts: ``retest=true`` needs the folder of a run (``resume=true`` would find only
+    unfinished runs, and otherwise start, and train, a new one), trained with these same overrides (others would
+    test it on other data and write its deployment files with another preprocessing), whose ``stages`` all
+    finished (retest trains nothing)."""
+    if not cfg.get("retest"):
+        return
+    if not cfg.resume or str(cfg.resume).lower() in {"true", "1", "yes"}:
         raise ValueError(f"retest=true tests the finished stages of an earlier run again: give that run's folder, "
                          f"e.g. retest=true resume={cfg.paths.output_root}/{cfg.task_name}/runs/<time>")
+    run_dir = Path(cfg.resume).resolve()
+    state_file = run_dir / "run_state.json"
+    if not state_file.is_file():
+        raise FileNotFoundError(f"retest=true resume={cfg.resume}: no run_state.json in {run_dir}")
+    state = RunState.load_or_create(state_file, "")
+    run_key = hydra_run_info()[1] or "(defaults)"
+    if state.run_key != run_key:
+        raise ValueError(f"retest=true on {run_dir}: that run was trained with the overrides "
+                         f"{_as_command_line(state.run_key)!r}, this invocation has {_as_command_line(run_key)!r}. "
+                         f"Rerun with its own: {_as_command_line(state.run_key)} retest=true resume={run_dir}")
+    unfinished = [stage for stage in stages if not state.stage_done(stage)]
+    if unfinished:
+        raise ValueError(f"retest=true trains nothing, but stages {unfinished} of {run_dir} never finished: "
+                         f"finish them first (the same overrides with resume={run_dir}), then retest")
 
 
 def retest_stage(
@@ -202,6 +225,10 @@ def retest_stage(
     for callback in callbacks:
         result.setdefault("report", {}).update(getattr(callback, "report", {}))
     ctx.state.save()
+    # Lightning logged them at this trainer's step 0, below the training run's steps, and MLflow shows a
+    # metric's value at its largest step: log them again past the old ones so that the new values are shown.
+    metrics = result["test"] | result["report"]
+    ctx.tracker.log_metrics(logger.run_id, metrics, step=ctx.tracker.last_step(logger.run_id, metrics) + 1)
     log.info("Stage %s tested again from its finished weights (retest=true)", stage)
     return result
 

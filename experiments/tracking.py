@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import subprocess
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -167,15 +168,19 @@ class RunTracker:
         for path in files:
             self.client.log_artifact(run_id, str(path), artifact_path="run")
 
-    def log_metrics(self, run_id: str, metrics: dict[str, float]) -> None:
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
         import time
 
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
         for start in range(0, len(items), 500):
             self.client.log_batch(run_id, metrics=items[start:start + 500])
+
+    def last_step(self, run_id: str, keys: Iterable[str]) -> int:
+        """The largest step any of ``keys`` was logged at in ``run_id`` (0 for none)."""
+        return max((m.step for key in keys for m in self.client.get_metric_history(run_id, key)), default=0)
 
     def finish(self, status: str = "FINISHED") -> None:
         for run_id in [*self.state.child_run_ids.values(), self.state.parent_run_id]:

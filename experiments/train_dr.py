@@ -84,7 +84,7 @@ def run_dr_distill(cfg: DictConfig) -> float | None:
     if "student" in stages and "teacher" not in stages and teacher_checkpoint is None and cfg.distill.alpha_end > 0:
         raise ValueError("stages=[student] with distillation needs distill.teacher_checkpoint=<teacher .ckpt>; "
                          "or use distill=none (experiment=dr_student_only) to train the student alone")
-    check_retest(cfg)
+    check_retest(cfg, stages)
     if "student_qat" in stages and ("student" not in stages or stages.index("student") > stages.index("student_qat")):
         raise ValueError("stage student_qat fine-tunes the trained student: list it after 'student' in stages, "
                          "e.g. stages=[teacher,student,student_qat]")

@@ -152,12 +152,30 @@ def test_retest_tests_finished_stages_again_without_training_them(project: Path)
         assert (run_dir / stage / "model.pt").is_file()
         # the same weights on the same split: the same test scores, logged a second time in the same run
         assert after["stages"][stage]["test"]["test/qwk"] == pytest.approx(before["stages"][stage]["test"]["test/qwk"])
-        history = client.get_metric_history(after["child_run_ids"][stage], "test/qwk")
-        assert len(history) == 2
+        _assert_shown_value_is_the_newest(client, after["child_run_ids"][stage], "model/latency_ms_median")
     assert all(len(runs) == 1 for runs in _runs(client).values())
+
+    # the run is tested as it was trained: other overrides are refused before anything starts
+    with pytest.raises(ValueError, match="trained with the overrides 'debug=tiny'"):
+        run_dr_distill(compose_config("train_dr", [*TINY, "seed=7", "retest=true", f"resume={run_dir}"],
+                                      project / "other"))
+    # and it trains nothing: a stage that never finished is refused too
+    after["stages"]["student"] = {"status": "running"}
+    state_file.write_text(json.dumps(after))
+    with pytest.raises(ValueError, match=r"stages \['student'\] .* never finished"):
+        run_dr_distill(compose_config("train_dr", [*TINY, "retest=true", f"resume={run_dir}"], project / "again"))
 
 
 def test_retest_needs_the_folder_of_the_run_to_test(project: Path):
     cfg = compose_config("train_dr", [*TINY, "retest=true", "resume=true"], project / "out")
     with pytest.raises(ValueError, match="give that run's folder"):
         run_dr_distill(cfg)
+
+
+def _assert_shown_value_is_the_newest(client, run_id: str, metric: str) -> None:
+    """A retested metric was logged twice, and MLflow shows (at the largest step) the value logged last."""
+    history = client.get_metric_history(run_id, metric)
+    assert len(history) >= 2
+    shown = max(history, key=lambda m: (m.step, m.timestamp))
+    assert shown.timestamp == max(m.timestamp for m in history)
+    assert client.get_run(run_id).data.metrics[metric] == shown.value
