@@ -10,9 +10,8 @@ import numpy as np
 import pandas as pd
 import torch
 from lightning import Callback, LightningModule, Trainer
-from lightning.pytorch.loggers import MLFlowLogger
-from torch.utils.data import DataLoader
 
+from callbacks._mlflow import first_test_loader, has_mlflow_logger, image_names, log_mlflow_artifact
 from lightning_modules.explain import (
     expected_calibration_error,
     plot_precision_recall_curves,
@@ -22,34 +21,6 @@ from lightning_modules.explain import (
 log = logging.getLogger(__name__)
 
 PREDICTIONS_FILE = "test_predictions.csv"
-
-
-def has_mlflow_logger(trainer: Trainer) -> bool:
-    """Whether figures would reach MLflow: not under fast_dev_run (its dummy logger), nor without a logger."""
-    return any(isinstance(logger, MLFlowLogger) for logger in trainer.loggers)
-
-
-def log_mlflow_artifact(trainer: Trainer, path: Path, artifact_path: str) -> None:
-    """Log a file to the run of every MLflow logger of ``trainer`` (none under fast_dev_run's dummy logger)."""
-    for logger in trainer.loggers:
-        if isinstance(logger, MLFlowLogger):
-            logger.experiment.log_artifact(logger.run_id, str(path), artifact_path=artifact_path)
-
-
-def first_test_loader(trainer: Trainer) -> DataLoader | None:
-    """The test split's loader: with several test loaders (e.g. the test split and a hard-case set) the first."""
-    loaders = trainer.test_dataloaders
-    if isinstance(loaders, list | tuple):
-        return loaders[0] if loaders else None
-    return loaders
-
-
-def image_names(dataset: object, indices: np.ndarray) -> list[str]:
-    """File names (``Path(paths[i]).name``) of dataset items; the index itself where the dataset has no paths."""
-    paths = getattr(dataset, "paths", None)
-    if paths is None:
-        return [str(int(i)) for i in indices]
-    return [Path(paths[int(i)]).name for i in indices]
 
 
 def predictions_table(names: list[str], labels: np.ndarray, probabilities: np.ndarray) -> pd.DataFrame:

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 from lightning import Callback, LightningModule, Trainer
-from lightning.pytorch.loggers import MLFlowLogger
+
+from callbacks._mlflow import has_mlflow_logger, log_mlflow_artifact
 
 
 def plot_confusion_matrix(matrix: np.ndarray, path: Path, title: str = "Test confusion matrix") -> Path:
@@ -34,15 +35,13 @@ def plot_confusion_matrix(matrix: np.ndarray, path: Path, title: str = "Test con
 
 
 class ConfusionMatrixArtifact(Callback):
-    """After testing, plot ``pl_module.test_confusion_matrix`` and log it to every MLflow logger."""
+    """After testing, plot ``pl_module.test_confusion_matrix`` and log it to every MLflow logger (no plot without one)."""
 
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         matrix = getattr(pl_module, "test_confusion_matrix", None)
-        if matrix is None:
+        if matrix is None or not has_mlflow_logger(trainer):
             return
         with tempfile.TemporaryDirectory() as tmp:
             title = f"{type(pl_module).__name__}: test confusion matrix"
             path = plot_confusion_matrix(matrix, Path(tmp) / "confusion_matrix.png", title=title)
-            for logger in trainer.loggers:
-                if isinstance(logger, MLFlowLogger):
-                    logger.experiment.log_artifact(logger.run_id, str(path), artifact_path="plots")
+            log_mlflow_artifact(trainer, path, "plots")

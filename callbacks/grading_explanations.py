@@ -12,7 +12,7 @@ import torch
 from lightning import Callback, LightningModule, Trainer
 from torch.utils.data import default_collate
 
-from callbacks.classification_diagnostics import first_test_loader, has_mlflow_logger, log_mlflow_artifact
+from callbacks._mlflow import first_test_loader, has_mlflow_logger, log_mlflow_artifact
 from lightning_modules.explain import (
     cbam_spatial_attention,
     grad_cam_heatmaps,

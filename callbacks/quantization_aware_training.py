@@ -16,6 +16,7 @@ from compression.quantization import (
     DEFAULT_CALIBRATION_IMAGES,
     QuantizationParityError,
     export_qat_int8,
+    is_qat_prepared,
     measure_int8_parity,
     prepare_qat,
 )
@@ -36,7 +37,8 @@ class QuantizationAwareTraining(Callback):
     ``mask_dice_int8_vs_fp32`` and, when batches carry ``target_key`` (``mask``), ``dice_delta`` (pooled Dice against the
     masks, int8 minus fp32); for class logits ``agreement`` and, with ``target_key="label"``, ``qwk_delta``.
 
-    Afterwards ``pl_module.net`` is the plain fp32 network with the QAT weights. If the int8 model drifts
+    A fit resumed after its last epoch has no training loop and so no ``on_train_end``: ``on_fit_end`` exports
+    then. Afterwards ``pl_module.net`` is the plain fp32 network with the QAT weights. If the int8 model drifts
     beyond ``max_mean_abs_logit_diff`` or (masks) below ``min_mask_dice``, or the export fails,
     ``pl_module.net`` is set back to the untouched network from before QAT and the error is raised.
 
@@ -143,6 +145,15 @@ class QuantizationAwareTraining(Callback):
         self.int8_path = exported.int8_path
         log.info("Int8 model %s: %.2f MB (fp32 %.2f MB), %s", exported.int8_path, exported.int8_bytes / 1e6,
                  exported.fp32_bytes / 1e6, ", ".join(f"{key} {value:.4f}" for key, value in parity.items()))
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # A fit resumed from a checkpoint written after the last epoch runs no training loop, and Lightning then
+        # skips on_train_end: export here, or the stage would be tested and bundled as the fake-quantized network
+        # (which torch.save cannot pickle) and without its int8 model.
+        if self.fp32_net is not None and is_qat_prepared(pl_module.net):
+            log.info("QuantizationAwareTraining: training had already ended (resumed after the last epoch); "
+                     "exporting the int8 model now")
+            self.on_train_end(trainer, pl_module)
 
     def _restore(self, pl_module: LightningModule, device: torch.device) -> None:
         pl_module.net = self.fp32_net.to(device)

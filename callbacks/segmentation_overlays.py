@@ -11,7 +11,7 @@ import pandas as pd
 import torch
 from lightning import Callback, LightningModule, Trainer
 
-from callbacks.classification_diagnostics import (
+from callbacks._mlflow import (
     first_test_loader,
     has_mlflow_logger,
     image_names,

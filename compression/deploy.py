@@ -26,7 +26,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -47,7 +47,7 @@ from compression.quantization import (
     quantize_onnx_static,
 )
 from datamodules.dr import GRADING_TASK, grading_network_inputs, grading_preprocessing_from_spec
-from datamodules.fundus import RETINA_THRESHOLD, read_rgb, retina_bounding_box
+from datamodules.fundus import RETINA_THRESHOLD, UnreadableImageError, _read_bytes, retina_bounding_box
 from datamodules.optic_disc import DISC_TASK, disc_network_input, disc_preprocessing_from_spec
 
 log = logging.getLogger(__name__)
@@ -86,6 +86,8 @@ MIN_CHANNEL_DIFFERENCE = 2.0
 #: grey-level standard deviation over the retina: vessels, disc and illumination fall-off give tens of levels;
 #: under 2 the image is flat (blank or uniform)
 MIN_RETINA_CONTRAST = 2.0
+#: the first bytes of every JPEG file (SOI marker and the next marker's 0xFF)
+_JPEG_SIGNATURE = b"\xff\xd8\xff"
 
 
 class BundleError(ValueError):
@@ -97,15 +99,20 @@ class NotAFundusError(ValueError):
 
 
 def fundus_problem(image: np.ndarray) -> str | None:
-    """Why a decoded image is not a usable colour fundus photograph, or None when it is.
+    """Why a decoded image (as :func:`read_photograph` decodes it: channels as stored, 16-bit already rescaled)
+    is not a usable colour fundus photograph, or None when it is.
 
-    Checks, in order: 3 channels of uint8, a shorter side of at least ``MIN_IMAGE_SIDE`` px, not almost black,
-    a retina found (the bright region spans a good part of the frame), colour (not greyscale), some contrast.
-    Unreadable files never get here: ``datamodules.fundus.read_rgb`` raises ``UnreadableImageError`` for them.
+    Checks, in order: no alpha channel, 3 channels (1: greyscale), uint8 (e.g. not a float TIFF), a shorter
+    side of at least ``MIN_IMAGE_SIDE`` px, not almost black, a retina found (the bright region spans a good part
+    of the frame), colour (three channels that differ), some contrast.
     """
-    if image.ndim != 3 or image.shape[2] != 3:
-        channels = image.shape[2] if image.ndim == 3 else 1
-        return f"{channels} channel(s) after decoding, shape {image.shape}: a colour (RGB) photograph has 3"
+    channels = image.shape[2] if image.ndim == 3 else 1
+    if channels == 4:
+        return "has an alpha channel (transparent parts): save it as an opaque JPEG/PNG"
+    if channels != 3:
+        greyscale = " (greyscale)" if channels == 1 else ""
+        return (f"{channels} channel(s){greyscale} after decoding, shape {image.shape}: a colour (RGB) "
+                "photograph has 3")
     if image.dtype != np.uint8:
         return f"pixel type {image.dtype}: expected 8-bit colour (uint8)"
     height, width = image.shape[:2]
@@ -130,6 +137,38 @@ def fundus_problem(image: np.ndarray) -> str | None:
     if float(grey[bright].std()) < MIN_RETINA_CONTRAST:
         return "a uniform image without structure (no vessels, no optic disc)"
     return None
+
+
+def read_photograph(path: str | os.PathLike) -> np.ndarray:
+    """The photograph in ``path`` as RGB uint8, decoded as stored so that what training never saw is named
+    rather than silently converted (``datamodules.fundus.read_rgb``'s ``IMREAD_COLOR`` drops alpha, shifts
+    16-bit pixels right by 8 and replicates greyscale into three channels).
+
+    16-bit images are rescaled by their own maximum (a 12-bit camera's 4095 becomes 255; dividing by 65535
+    would leave it almost black) and logged. JPEG files, which cannot hold alpha, are decoded with their EXIF
+    orientation applied, as ``read_rgb`` did in training (``IMREAD_UNCHANGED`` would ignore it).
+
+    Raises:
+        datamodules.fundus.UnreadableImageError: missing, empty, or not decodable.
+        NotAFundusError: decoded, but :func:`fundus_problem` names what makes it unusable.
+    """
+    path = Path(path)
+    data = _read_bytes(path)
+    jpeg = data[:len(_JPEG_SIGNATURE)].tobytes() == _JPEG_SIGNATURE
+    image = cv2.imdecode(data, cv2.IMREAD_ANYCOLOR | cv2.IMREAD_ANYDEPTH if jpeg else cv2.IMREAD_UNCHANGED)
+    if image is None:
+        raise UnreadableImageError(f"{path}: not a readable image (corrupt, truncated or not an image format)")
+    if image.dtype == np.uint16:
+        peak = int(image.max())
+        # convertScaleAbs saturates to uint8; an all-zero image stays zero (and is refused as almost black)
+        image = cv2.convertScaleAbs(image, alpha=255.0 / peak if peak else 0.0)
+        log.info("%s: 16-bit image, rescaled to 8 bits by its own maximum (%d -> 255)", path, peak)
+    if image.ndim == 3 and image.shape[2] == 3:
+        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    problem = fundus_problem(image)
+    if problem is not None:
+        raise NotAFundusError(f"{path}: {problem}")
+    return image
 
 
 # ---------------------------------------------------------------------------------------------- bundle
@@ -282,7 +321,7 @@ def write_bundle(
         manifest["class_names"] = class_names
     else:
         manifest.setdefault("threshold", DEFAULT_THRESHOLD)
-    _write_json_atomically(folder / MANIFEST_FILE, manifest)
+    write_atomically(folder / MANIFEST_FILE, lambda path: path.write_text(json.dumps(manifest, indent=2)))
     log.info("Deployment bundle in %s: %s", folder, ", ".join(n for n in manifest["files"].values() if n))
     return load_bundle(folder)
 
@@ -332,11 +371,17 @@ def feeds_parity(network: nn.Module, session: ort.InferenceSession, feeds: Seque
     return parity | {"images": float(len(feeds))}
 
 
-def _write_json_atomically(path: Path, data: dict[str, Any]) -> None:
-    # an ordinary file (not mkstemp's private one): the umask's permissions, as the other files
+def write_atomically(path: str | os.PathLike, write: Callable[[Path], object]) -> None:
+    """``write(temporary)`` into ``.<name>.tmp`` beside ``path``, then rename it to ``path``: a crash never
+    leaves a half-written file nor a half-replaced earlier one. The file gets the usual permissions (0666 less
+    the umask, as any file ``open`` creates), not ``tempfile.mkstemp``'s private 0600."""
+    path = Path(path)
     temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(data, indent=2))
-    os.replace(temporary, path)
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def load_bundle(folder: str | os.PathLike) -> Bundle:
@@ -437,13 +482,10 @@ class Predictor:
 
         Raises:
             datamodules.fundus.UnreadableImageError: the file cannot be decoded.
-            NotAFundusError: it decodes, but is no usable fundus photograph (:func:`fundus_problem`).
+            NotAFundusError: it decodes, but is no usable fundus photograph (:func:`read_photograph`).
         """
         started = time.perf_counter()
-        image = read_rgb(path)
-        problem = fundus_problem(image)
-        if problem is not None:
-            raise NotAFundusError(f"{path}: {problem}")
+        image = read_photograph(path)
         if self.bundle.task == GRADING_TASK:
             return self._grade(image, started)
         return self._segment(image, started)

@@ -22,6 +22,7 @@ from datamodules.fundus import (
     FundusPreprocessing,
     PreprocessedImageCache,
     atomic_save_npy,
+    check_preprocessing_spec,
     data_fingerprint,
     load_npy_checked,
     read_rgb,
@@ -89,12 +90,7 @@ def grading_preprocessing_from_spec(
         ValueError: the spec is not a grading spec, or was written by another preprocessing version (its
             model saw differently prepared images).
     """
-    if spec.get("task") != GRADING_TASK:
-        raise ValueError(f"preprocessing spec of task {spec.get('task')!r} is not a {GRADING_TASK!r} spec")
-    if spec.get("preprocess_version") != PREPROCESS_VERSION:
-        raise ValueError(f"preprocessing spec version {spec.get('preprocess_version')!r} differs from this "
-                         f"code's {PREPROCESS_VERSION}: the model saw differently prepared images; re-export "
-                         "it with this code version")
+    check_preprocessing_spec(spec, GRADING_TASK, PREPROCESS_VERSION)
     preprocessing = FundusPreprocessing(image_size=int(spec["image_size"]),
                                         ben_graham=bool(spec["ben_graham"]))
     imager = PersistenceImager.from_state_dict(spec["imager"]) if spec.get("imager") else None

@@ -12,9 +12,10 @@ import hashlib
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -219,6 +220,22 @@ class FundusPreprocessing:
     @property
     def key(self) -> str:
         return f"v{PREPROCESS_VERSION}-s{self.image_size}-bg{int(self.ben_graham)}"
+
+
+def check_preprocessing_spec(spec: Mapping[str, Any], task: str, version: int) -> None:
+    """Check that a preprocessing spec (a deployment bundle's, see ``datamodules.dr.grading_spec`` /
+    ``datamodules.optic_disc.disc_spec``) is one of ``task`` written by preprocessing ``version``.
+
+    Raises:
+        ValueError: the spec is of another task, or of another preprocessing version (its model saw
+            differently prepared images).
+    """
+    if spec.get("task") != task:
+        raise ValueError(f"preprocessing spec of task {spec.get('task')!r} is not a {task!r} spec")
+    if spec.get("preprocess_version") != version:
+        raise ValueError(f"preprocessing spec version {spec.get('preprocess_version')!r} differs from this "
+                         f"code's {version}: the model saw differently prepared images; re-export it with this "
+                         "code version")
 
 
 def source_key(path: str | Path, *parts: str) -> str:

@@ -32,6 +32,7 @@ from datamodules.fundus import (
     SquareCrop,
     UnreadableImageError,
     atomic_save_npy,
+    check_preprocessing_spec,
     clahe_lab,
     data_fingerprint,
     failures_in_threads,
@@ -117,12 +118,7 @@ def disc_preprocessing_from_spec(spec: dict[str, Any]) -> DiscPreprocessing:
     Raises:
         ValueError: the spec is not a disc spec, or was written by another preprocessing version.
     """
-    if spec.get("task") != DISC_TASK:
-        raise ValueError(f"preprocessing spec of task {spec.get('task')!r} is not a {DISC_TASK!r} spec")
-    if spec.get("preprocess_version") != DISC_PREPROCESS_VERSION:
-        raise ValueError(f"preprocessing spec version {spec.get('preprocess_version')!r} differs from this "
-                         f"code's {DISC_PREPROCESS_VERSION}: the model saw differently prepared images; "
-                         "re-export it with this code version")
+    check_preprocessing_spec(spec, DISC_TASK, DISC_PREPROCESS_VERSION)
     return DiscPreprocessing(**{field.name: spec[field.name] for field in fields(DiscPreprocessing)
                                 if field.name in spec})
 

@@ -23,6 +23,9 @@ FINISHERS = ("qat", "share")
 BASE_ARM = "base"
 #: ``chain.finish_after`` value that finishes every stage of the chain
 ALL_STAGES = "all"
+#: relative Dice tolerance of the liminal point: conf/chain/default.yaml's ``chain.liminal_tolerance``, and the
+#: value for runs whose config or params lack it
+DEFAULT_LIMINAL_TOLERANCE = 0.05
 
 
 @dataclass(frozen=True)
@@ -140,7 +143,8 @@ def summary_table(stages: list[ChainStage], results: dict[str, dict[str, Any]]) 
     return table
 
 
-def liminal_points(table: pd.DataFrame, tolerance: float = 0.05) -> dict[str, dict[str, Any] | None]:
+def liminal_points(table: pd.DataFrame, tolerance: float = DEFAULT_LIMINAL_TOLERANCE
+                   ) -> dict[str, dict[str, Any] | None]:
     """Per arm (and ``"any"``), the smallest base whose Dice is within ``tolerance`` (relative) of iteration 1's
     and whose edge-case detection is too (when edge cases were measured); None where no base qualifies.
     """

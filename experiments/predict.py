@@ -6,15 +6,24 @@
     python -m experiments.predict model=<bundle> input=today/ gradcam=true overwrite=true
 
 ``model=`` names a deployment bundle (``compression.deploy``) directly or through its stage folder, its run
-folder or its MLflow run (see ``resolve_bundle``); the log says which stage was chosen. Every top-level file
-of ``input=`` is tried in name order: unreadable files and images that are no usable fundus photograph are
-listed in the output as ``status=skipped`` with the reason, and the others are predicted.
+folder or its MLflow run (see ``resolve_bundle``); the log says which stage was chosen, and why another was
+passed over (a stage tested before bundles existed has none). Every top-level file of ``input=`` is tried in
+name order; each gets a row with its ``status``:
 
-Outputs (``output=null`` puts them beside the input, never inside it):
+* ``ok``: predicted;
+* ``skipped``: unreadable, or no usable fundus photograph (``compression.deploy.read_photograph``: e.g.
+  almost black, greyscale, transparent parts); ``reason`` says which;
+* ``failed``: anything else went wrong with that file; ``reason`` is the error's type and message (its
+  traceback is logged at debug level). The other files are still predicted.
+
+The CSV is written even when the command is interrupted, with the rows done so far.
+
+Outputs (``output=null`` puts them beside the input; never inside an input folder, whose next run would read
+them as photographs):
 
 * grading: one CSV, ``<input>_predictions.csv`` by default: ``file, status, grade, prob_<class>...,
   latency_ms`` (reading the file to the grade) ``, model_ms`` (ONNX Runtime alone) ``, reason``; with
-  ``gradcam=true`` also ``<stem>_gradcam.png`` next to it (GradCAM of the reported grade);
+  ``gradcam=true`` also ``<csv stem>_gradcam/<stem>_gradcam.png`` beside it (GradCAM of the reported grade);
 * disc: a folder, ``<input>_discs/`` by default, with ``<stem>_mask.png`` (0/255, the photograph's size),
   ``<stem>_overlay.png``, with ``gradcam=true`` ``<stem>_gradcam.png``, and ``predictions.csv`` (``file,
   status, disc_area_fraction, mask, overlay, latency_ms, model_ms, reason``).
@@ -22,7 +31,8 @@ Outputs (``output=null`` puts them beside the input, never inside it):
 GradCAM maps lie on the preprocessed image the network saw (cropped to the retina, resized).
 
 Nothing is written when any output file already exists, unless ``overwrite=true``. Exit status: 0 when at
-least one file was predicted, 1 when none could be, 2 for a wrong ``model=``, ``input=`` or ``output=``.
+least one file was predicted, 1 when none could be, 2 for a wrong ``model=``, ``input=`` or ``output=``, or
+outputs that exist without ``overwrite=true``.
 """
 
 from __future__ import annotations
@@ -33,8 +43,7 @@ import os
 import re
 import shutil
 import sys
-import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,18 +70,21 @@ from compression.deploy import (
     NotAFundusError,
     Predictor,
     load_bundle,
+    write_atomically,
 )
 from compression.export import quiet_onnx_tool_logs
 from datamodules.fundus import UnreadableImageError
-from experiments.chain_summary import BASE_ARM, liminal_points
+from experiments.chain_summary import BASE_ARM, DEFAULT_LIMINAL_TOLERANCE, FINISHERS, liminal_points
+from experiments.stages import DR_FINISHERS, DR_STAGES, run_key_as_overrides
 from experiments.tracking import default_tracking_uri
 
 log = logging.getLogger(__name__)
 
-DR_STAGES = ("teacher", "student", "student_qat")
-DEFAULT_LIMINAL_TOLERANCE = 0.05  # chain.liminal_tolerance's default, for runs whose config lacks it
 DISC_CSV = "predictions.csv"
+#: the make target of each kind of run, for the messages that say how to add missing bundles
+MAKE_DR, MAKE_CHAIN = "make dr-distill", "make glaucoma-iterations"
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+#: a comma of Hydra's override dirname that separates two overrides (not one inside a list value, [a,b])
 
 
 class PredictError(ValueError):
@@ -80,44 +92,99 @@ class PredictError(ValueError):
 
 
 # ------------------------------------------------------------------------------------ choosing a stage
-def choose_dr_stage(stages: Sequence[str]) -> tuple[str, str]:
-    """(stage, why) of a dr-distill run with these finished stages: the int8-trained student, else the
-    student."""
-    for stage, why in (("student_qat", "the quantization-aware student"),
-                       ("student", "the distilled student"),
-                       ("teacher", "the teacher (the run has no student)")):
-        if stage in stages:
-            return stage, why
-    raise PredictError(f"the dr-distill run has no finished stage among {list(DR_STAGES)} (it has "
-                       f"{list(stages)})")
+#: (stage, why it is chosen): a run's finished stages in order of preference
+Preference = list[tuple[str, str]]
 
 
-def choose_disc_stage(stages: Sequence[str], summary: pd.DataFrame | None,
-                      tolerance: float = DEFAULT_LIMINAL_TOLERANCE) -> tuple[str, str]:
-    """(stage, why) of a glaucoma-iterations run: the chain's liminal point (``liminal_points``' overall one)
-    when the summary names one below iteration 1, else the smallest prune stage, else iteration 1."""
+def dr_stage_preference(stages: Sequence[str]) -> Preference:
+    """The finished stages of a dr-distill run, best first (the last trained first): the int8-trained student,
+    the student, the teacher."""
+    reasons = {"student_qat": "the quantization-aware student", "student": "the distilled student",
+               "teacher": "the teacher"}
+    return [(stage, reasons[stage]) for stage in reversed(DR_STAGES) if stage in stages]
+
+
+def disc_stage_preference(stages: Sequence[str], summary: pd.DataFrame | None,
+                          tolerance: float = DEFAULT_LIMINAL_TOLERANCE) -> Preference:
+    """The finished stages of a glaucoma-iterations run, best first: the chain's liminal point
+    (``liminal_points``' overall one, when below iteration 1), each arm's liminal point (smallest base first),
+    the prune stages (smallest first), iteration 1."""
     points = liminal_points(summary, tolerance) if summary is not None and not summary.empty else {}
-    point = points.get("any")
-    if point is not None and point["arm"] != BASE_ARM and point["stage"] in stages:
-        return point["stage"], (f"the liminal point of the chain (smallest base with Dice within "
-                                f"{tolerance:.0%} of iteration 1's, edge cases still detected)")
-    prunes = [s for s in stages if re.fullmatch(r"prune-\d+", s)]
-    if prunes:
-        smallest = min(prunes, key=lambda s: int(s.split("-")[1]))
-        return smallest, "the smallest prune stage (no liminal point named)"
-    bases = [s for s in stages if s.startswith(f"{BASE_ARM}-")]
-    if bases:
-        return bases[0], "iteration 1 (the chain has no prune stage)"
-    raise PredictError(f"the glaucoma-iterations run has no finished stage to predict with (it has "
-                       f"{list(stages)})")
+    within = f"Dice within {tolerance:.0%} of iteration 1's, edge cases still detected"
+    preference: Preference = []
+    overall = points.get("any")
+    if overall is not None and overall["arm"] != BASE_ARM:
+        preference.append((overall["stage"], f"the liminal point of the chain (smallest base with {within})"))
+    arm_points = sorted((point for arm, point in points.items() if arm not in ("any", BASE_ARM) and point),
+                        key=lambda point: (point["base"], -point["dice"]))
+    preference += [(point["stage"], f"the liminal point of the {point['arm']} arm (its smallest base with "
+                                    f"{within})") for point in arm_points]
+    liminal = bool(preference)
+    prunes = sorted((s for s in stages if re.fullmatch(r"prune-\d+", s)), key=lambda s: int(s.split("-")[1]))
+    preference += [(stage, "the smallest prune stage" + ("" if liminal else " (no liminal point named)")
+                    if index == 0 else "the next smallest prune stage") for index, stage in enumerate(prunes)]
+    preference += [(stage, "iteration 1" + ("" if prunes else " (the chain has no prune stage)"))
+                   for stage in stages if stage.startswith(f"{BASE_ARM}-")]
+    chosen: dict[str, str] = {}
+    for stage, why in preference:
+        if stage in stages:
+            chosen.setdefault(stage, why)  # an arm's liminal point may be the chain's: keep the first reason
+    return list(chosen.items())
+
+
+def is_finisher(stage: str) -> bool:
+    """A stage that fine-tunes a finished one into a file of its own (student_qat, qat-*, share-*): retest=true
+    cannot test it again, so an old run's finisher never gets a bundle."""
+    return stage in DR_FINISHERS or stage.split("-")[0] in FINISHERS
+
+
+def first_with_bundle(preference: Preference, has_bundle: Callable[[str], bool], run: str,
+                      rebundle: str) -> tuple[str, str]:
+    """(stage, why) of the first stage of ``preference`` that has a deployment bundle; those passed over are
+    logged.
+
+    Raises:
+        PredictError: none has one (or the run has no finished stage); the message names the run (``run``) and
+            the command that bundles its stages again (``rebundle``).
+    """
+    if not preference:
+        raise PredictError(f"{run} has no finished stage to predict with")
+    passed: list[str] = []
+    for stage, why in preference:
+        if has_bundle(stage):
+            if passed:
+                log.warning("%s: stage(s) %s have no deployment bundle (tested before bundles existed, or the "
+                            "test failed): using %s, the next in order of preference", run, ", ".join(passed),
+                            stage)
+                why = f"{why}; preferred stage(s) {', '.join(passed)} have no bundle"
+            return stage, why
+        passed.append(stage)
+    finishers = ", ".join([*DR_FINISHERS, *(f"{name}-*" for name in FINISHERS)])
+    others = ", ".join(stage for stage in passed if not is_finisher(stage)) or "none in this run"
+    raise PredictError(f"none of the finished stages of {run} has a deployment bundle ({', '.join(passed)}): "
+                       f"they were tested before bundles existed, or their tests failed. Finishers ({finishers}) "
+                       f"cannot be bundled again; the other stages ({others}) can, without training: {rebundle}")
+
+
+def run_overrides(run_key: str) -> str:
+    """A run's overrides as typed on the command line, from its run key (run_state.json's ``run_key``, Hydra's
+    comma-separated override dirname; ``(defaults)`` for none)."""
+    return run_key_as_overrides(run_key)
+
+
+def rebundle_command(target: str, overrides: str, run_folder: str) -> str:
+    """The command that writes the bundles of a run's finished stages again without training."""
+    arguments = " ".join(part for part in (overrides, "retest=true", f"resume={run_folder}") if part)
+    return f'{target} ARGS="{arguments}"'
 
 
 # ---------------------------------------------------------------------------------- resolving model=
 def resolve_bundle(model: str, cache_dir: Path, tracking_uri: str) -> tuple[Path, str]:
     """(bundle folder, how it was found) for ``model=``: a bundle folder, a stage folder holding ``deploy/``,
-    a run folder of ``outputs/`` (a stage chosen by :func:`choose_dr_stage` / :func:`choose_disc_stage`), or
-    an MLflow run id of ``tracking_uri`` (a child run: its ``deploy_dir`` tag, else its ``deploy/`` artifacts
-    downloaded under ``cache_dir``; a parent run: a child chosen as for run folders)."""
+    a run folder of ``outputs/`` (its first stage with a bundle in the order of :func:`dr_stage_preference` /
+    :func:`disc_stage_preference`), or an MLflow run id of ``tracking_uri`` (a child run: its ``deploy_dir``
+    tag, else its ``deploy/`` artifacts downloaded under ``cache_dir``; a parent run: a child chosen as for run
+    folders)."""
     path = Path(model).expanduser()
     if path.exists():
         return _bundle_of_path(path)
@@ -138,28 +205,28 @@ def _bundle_of_path(path: Path) -> tuple[Path, str]:
     raise PredictError(f"model={path}: holds neither {MANIFEST_FILE} (a bundle folder), {DEPLOY_FOLDER}/"
                        f"{MANIFEST_FILE} (a stage folder) nor run_state.json (a run folder). Stages tested "
                        "before deployment bundles existed have none: add them without training with "
-                       "`make dr-distill|glaucoma-iterations ARGS=\"retest=true resume=<run folder>\"`")
+                       + rebundle_command(f"{MAKE_DR}|glaucoma-iterations", "<the run's own overrides>",
+                                          "<run folder>"))
 
 
 def _bundle_of_run_folder(run_dir: Path) -> tuple[Path, str]:
     state = json.loads((run_dir / "run_state.json").read_text())
     stages = [name for name, result in (state.get("stages") or {}).items() if result.get("status") == "done"]
     if set(stages) & set(DR_STAGES):
-        stage, why = choose_dr_stage(stages)
+        preference, target = dr_stage_preference(stages), MAKE_DR
     else:
         summary_file, config_file = run_dir / "summary.csv", run_dir / "config.yaml"
         summary = pd.read_csv(summary_file) if summary_file.is_file() else None
         config = OmegaConf.load(config_file) if config_file.is_file() else OmegaConf.create()
         tolerance = float(OmegaConf.select(config, "chain.liminal_tolerance",
                                            default=DEFAULT_LIMINAL_TOLERANCE))
-        stage, why = choose_disc_stage(stages, summary, tolerance)
-    folder = run_dir / stage / DEPLOY_FOLDER
-    if not (folder / MANIFEST_FILE).is_file():
-        raise PredictError(f"stage {stage} of run {run_dir} has no deployment bundle ({folder}): it was "
-                           "tested before bundles existed or its test failed: write it without training with "
-                           f"retest=true resume={run_dir} (make dr-distill / glaucoma-iterations), or pass "
-                           "another stage folder as model=")
-    return folder, f"stage {stage} of run {run_dir}: {why}"
+        preference, target = disc_stage_preference(stages, summary, tolerance), MAKE_CHAIN
+    rebundle = rebundle_command(target, run_overrides(str(state.get("run_key", ""))), str(run_dir))
+    def has_bundle(candidate: str) -> bool:
+        return (run_dir / candidate / DEPLOY_FOLDER / MANIFEST_FILE).is_file()
+
+    stage, why = first_with_bundle(preference, has_bundle, f"run {run_dir}", rebundle)
+    return run_dir / stage / DEPLOY_FOLDER, f"stage {stage} of run {run_dir}: {why}"
 
 
 def _bundle_of_mlflow_run(run_id: str, client: MlflowClient, cache_dir: Path,
@@ -175,13 +242,19 @@ def _bundle_of_mlflow_run(run_id: str, client: MlflowClient, cache_dir: Path,
                                       filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{run_id}'")
         by_stage = {child.info.run_name: child for child in children if child.info.status == "FINISHED"}
         if set(by_stage) & set(DR_STAGES):
-            stage, reason = choose_dr_stage(list(by_stage))
+            preference, target = dr_stage_preference(list(by_stage)), MAKE_DR
         else:
             summary = _download_summary(client, run_id, cache_dir)
             tolerance = float(run.data.params.get("chain.liminal_tolerance", DEFAULT_LIMINAL_TOLERANCE))
-            stage, reason = choose_disc_stage(list(by_stage), summary, tolerance)
+            preference, target = disc_stage_preference(list(by_stage), summary, tolerance), MAKE_CHAIN
+        # the run name is "<task>[<override dirname>]" (experiments.runner.run_name); the folder is not logged
+        name = run.info.run_name or ""
+        overrides = run_overrides(name[name.index("[") + 1:-1] if name.endswith("]") and "[" in name else "")
+        rebundle = rebundle_command(target, overrides, f"<its run folder under outputs/{target.split()[-1]}/runs/>")
+        stage, reason = first_with_bundle(
+            preference, lambda candidate: _child_has_bundle(client, by_stage[candidate]), why, rebundle)
         run = by_stage[stage]
-        why = f"stage {stage} of MLflow run {why}: {reason}"
+        why = f"stage {stage} of {why}: {reason}"
     return _bundle_of_child_run(client, run, cache_dir), why
 
 
@@ -192,6 +265,17 @@ def _download_summary(client: MlflowClient, run_id: str, cache_dir: Path) -> pd.
         return pd.read_csv(client.download_artifacts(run_id, "summary/summary.csv", str(target)))
     except (MlflowException, OSError):
         return None
+
+
+def _child_has_bundle(client: MlflowClient, run) -> bool:
+    tagged = run.data.tags.get(DEPLOY_DIR_TAG)
+    if tagged and (Path(tagged) / MANIFEST_FILE).is_file():
+        return True
+    try:
+        return any(item.path == f"{DEPLOY_FOLDER}/{MANIFEST_FILE}"
+                   for item in client.list_artifacts(run.info.run_id, DEPLOY_FOLDER))
+    except (MlflowException, OSError):
+        return False
 
 
 def _bundle_of_child_run(client: MlflowClient, run, cache_dir: Path) -> Path:
@@ -234,6 +318,12 @@ def default_output(source: Path, task: str) -> Path:
     return Path(f"{base}_predictions.csv") if task == "grading" else Path(f"{base}_discs")
 
 
+def gradcam_folder(task: str, output: Path) -> Path:
+    """Where the GradCAM overlays go: ``<csv stem>_gradcam/`` beside a grading CSV (a folder of its own, so
+    that they never mix with other files there), the output folder itself for disc."""
+    return output.with_name(f"{output.stem}_gradcam") if task == "grading" else output
+
+
 def output_names(files: Sequence[Path]) -> dict[Path, str]:
     """The stem each file's outputs are named by; files sharing a stem (a.png, a.jpg) keep their suffix."""
     stems = [f.stem for f in files]
@@ -242,13 +332,12 @@ def output_names(files: Sequence[Path]) -> dict[Path, str]:
 
 def planned_outputs(task: str, output: Path, names: dict[Path, str], gradcam: bool) -> list[Path]:
     """Every file this invocation may write."""
-    folder = output.parent if task == "grading" else output
-    kinds = ["gradcam"] if gradcam else []
-    if task == "grading":
-        files = [output]
-    else:
-        files, kinds = [output / DISC_CSV], ["mask", "overlay", *kinds]
-    return files + [folder / f"{name}_{kind}.png" for name in names.values() for kind in kinds]
+    files = [output] if task == "grading" else [output / DISC_CSV]
+    if task == "disc":
+        files += [output / f"{name}_{kind}.png" for name in names.values() for kind in ("mask", "overlay")]
+    if gradcam:
+        files += [gradcam_folder(task, output) / f"{name}_gradcam.png" for name in names.values()]
+    return files
 
 
 def write_rgb_png(path: Path, image_rgb: np.ndarray) -> None:
@@ -256,15 +345,9 @@ def write_rgb_png(path: Path, image_rgb: np.ndarray) -> None:
         raise OSError(f"cannot write {path}")
 
 
-def write_csv_atomically(table: pd.DataFrame, path: Path) -> None:
-    """A crash never leaves a half-written CSV (nor a half-replaced earlier one)."""
-    handle, temporary = tempfile.mkstemp(suffix=".csv", dir=path.parent)
-    os.close(handle)
-    try:
-        table.to_csv(temporary, index=False)
-        os.replace(temporary, path)
-    finally:
-        Path(temporary).unlink(missing_ok=True)
+def write_csv(table: pd.DataFrame, path: Path) -> None:
+    """Atomically, with the usual file permissions (``compression.deploy.write_atomically``)."""
+    write_atomically(path, lambda temporary: table.to_csv(temporary, index=False))
 
 
 # ---------------------------------------------------------------------------------------- predicting
@@ -280,10 +363,13 @@ class GradCamWriter:
         self.explain = explain
         self.net = bundle.load_network()
         self.layer = explain.grad_cam_target_layer(self.net)
+        # a disc is the pixels above the stage's own probability threshold, as in its masks
+        self.threshold = bundle.threshold if bundle.task == "disc" else 0.5
 
     def write(self, prediction: GradingPrediction | DiscPrediction, path: Path) -> None:
         target = [prediction.grade] if isinstance(prediction, GradingPrediction) else None
-        heatmap = self.explain.grad_cam_heatmaps(self.net, prediction.inputs, self.layer, target)[0]
+        heatmap = self.explain.grad_cam_heatmaps(self.net, prediction.inputs, self.layer, target,
+                                                   threshold=self.threshold)[0]
         image = self.explain.denormalize_image(prediction.inputs[0][0])
         write_rgb_png(path, self.explain.overlay_heatmap(image, heatmap))
 
@@ -293,22 +379,16 @@ def _skip_reason(error: Exception, path: Path) -> str:
     return str(error).removeprefix(f"{path}: ")
 
 
-def predict_files(predictor: Predictor, files: Sequence[Path], output: Path, names: dict[Path, str],
-                  gradcam: GradCamWriter | None) -> pd.DataFrame:
-    """One row per file (predicted or skipped with its reason); mask, overlay and GradCAM files are written as
-    they come."""
+def predict_file_row(predictor: Predictor, path: Path, output: Path, name: str,
+                     gradcam: GradCamWriter | None) -> dict[str, Any]:
+    """The CSV row of one file: predicted (its mask, overlay and GradCAM files written), skipped (unreadable or
+    not a fundus photograph) or failed (any other error, logged with its traceback at debug level)."""
     bundle = predictor.bundle
-    rows: list[dict[str, Any]] = []
-    for path in tqdm(files, desc=f"predicting ({bundle.task}, {predictor.precision})", unit="image",
-                     file=sys.stderr, dynamic_ncols=True):
-        try:
-            prediction = predictor.predict_file(path)
-        except (UnreadableImageError, NotAFundusError) as error:
-            rows.append({"file": path.name, "status": "skipped", "reason": _skip_reason(error, path)})
-            continue
+    try:
+        prediction = predictor.predict_file(path)
         row: dict[str, Any] = {"file": path.name, "status": "ok"}
         if isinstance(prediction, DiscPrediction):
-            mask_file, overlay_file = f"{names[path]}_mask.png", f"{names[path]}_overlay.png"
+            mask_file, overlay_file = f"{name}_mask.png", f"{name}_overlay.png"
             if not cv2.imwrite(str(output / mask_file), prediction.mask):
                 raise OSError(f"cannot write {output / mask_file}")
             write_rgb_png(output / overlay_file, prediction.overlay)
@@ -316,14 +396,25 @@ def predict_files(predictor: Predictor, files: Sequence[Path], output: Path, nam
                     "overlay": overlay_file}
         else:
             row["grade"] = prediction.grade
-            row |= {f"prob_{name}": float(p) for name, p in zip(bundle.class_names, prediction.probabilities,
-                                                                 strict=True)}
+            row |= {f"prob_{label}": float(p)
+                    for label, p in zip(bundle.class_names, prediction.probabilities, strict=True)}
         if gradcam is not None:
-            folder = output if isinstance(prediction, DiscPrediction) else output.parent
-            gradcam.write(prediction, folder / f"{names[path]}_gradcam.png")
-        row |= {"latency_ms": prediction.latency_ms, "model_ms": prediction.model_ms, "reason": ""}
-        rows.append(row)
-    return _table(rows, bundle)
+            gradcam.write(prediction, gradcam_folder(bundle.task, output) / f"{name}_gradcam.png")
+    except (UnreadableImageError, NotAFundusError) as error:
+        return {"file": path.name, "status": "skipped", "reason": _skip_reason(error, path)}
+    except Exception as error:  # one bad file must not cost the rest of the folder its predictions
+        log.debug("Predicting %s failed", path, exc_info=True)
+        return {"file": path.name, "status": "failed", "reason": f"{type(error).__name__}: {error}"}
+    return row | {"latency_ms": prediction.latency_ms, "model_ms": prediction.model_ms, "reason": ""}
+
+
+def predict_files(predictor: Predictor, files: Sequence[Path], output: Path, names: dict[Path, str],
+                  gradcam: GradCamWriter | None, rows: list[dict[str, Any]]) -> None:
+    """Append one row per file to ``rows`` (:func:`predict_file_row`), so that the caller keeps the rows done
+    when it is interrupted."""
+    for path in tqdm(files, desc=f"predicting ({predictor.bundle.task}, {predictor.precision})", unit="image",
+                     file=sys.stderr, dynamic_ncols=True):
+        rows.append(predict_file_row(predictor, path, output, names[path], gradcam))
 
 
 def _table(rows: list[dict[str, Any]], bundle: Bundle) -> pd.DataFrame:
@@ -340,7 +431,7 @@ def _table(rows: list[dict[str, Any]], bundle: Bundle) -> pd.DataFrame:
 
 def run_predict(cfg: DictConfig) -> int:
     """Predict every file of ``cfg.input`` with the bundle of ``cfg.model``; returns the exit status (0: at
-    least one file predicted, 1: none could be).
+    least one file predicted, 1: none could be). The CSV is written even when interrupted.
 
     Raises:
         PredictError: a wrong ``model=``, ``input=``, ``output=`` or option, or outputs that exist without
@@ -360,7 +451,7 @@ def run_predict(cfg: DictConfig) -> int:
     files = list_inputs(source)
     output = Path(str(cfg.output)).expanduser() if cfg.output else default_output(source, bundle.task)
     gradcam = bool(cfg.gradcam)
-    _check_output(bundle.task, source, output)
+    check_output(bundle.task, source, output, gradcam)
     names = output_names(files)
     existing = [p for p in planned_outputs(bundle.task, output, names, gradcam) if p.exists()]
     if existing and not cfg.overwrite:
@@ -373,21 +464,37 @@ def run_predict(cfg: DictConfig) -> int:
     log.info("Model: %s\nBundle %s (%s, stage %s), %s ONNX model %s, %d thread(s); %d file(s) from %s",
              found, bundle.folder, bundle.task, bundle.stage, predictor.precision, predictor.onnx_path.name,
              threads, len(files), source)
-    (output if bundle.task == "disc" else output.parent).mkdir(parents=True, exist_ok=True)
-    table = predict_files(predictor, files, output, names, explainer)
     csv_path = output / DISC_CSV if bundle.task == "disc" else output
-    write_csv_atomically(table, csv_path)
-    done = int((table["status"] == "ok").sum())
-    for row in table[table["status"] == "skipped"].itertuples():
-        log.warning("Skipped %s: %s", row.file, row.reason)
-    log.info("Predicted %d of %d file(s) (%d skipped): %s", done, len(table), len(table) - done, csv_path)
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    if gradcam:
+        gradcam_folder(bundle.task, output).mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    try:
+        predict_files(predictor, files, output, names, explainer, rows)
+    finally:
+        table = _table(rows, bundle)
+        write_csv(table, csv_path)
+        if len(rows) < len(files):
+            log.error("Stopped after %d of %d file(s): their rows are in %s", len(rows), len(files), csv_path)
+    counts = table["status"].value_counts()
+    for row in table[table["status"] != "ok"].itertuples():
+        log.warning("%s %s: %s", str(row.status).capitalize(), row.file, row.reason)
+    done = int(counts.get("ok", 0))
+    log.info("Predicted %d of %d file(s) (%d skipped, %d failed): %s", done, len(table),
+             counts.get("skipped", 0), counts.get("failed", 0), csv_path)
     if done == 0:
         log.error("No file could be predicted: see the reasons in %s", csv_path)
         return 1
     return 0
 
 
-def _check_output(task: str, source: Path, output: Path) -> None:
+def check_output(task: str, source: Path, output: Path, gradcam: bool) -> None:
+    """Refuse an ``output=`` of the wrong kind, or one inside the input folder: a later run on that folder
+    would read our CSV and PNGs as photographs.
+
+    Raises:
+        PredictError: naming the output and what to give instead.
+    """
     if task == "grading":
         if output.is_dir():
             raise PredictError(f"output={output} is a folder: a grading bundle writes one CSV file, e.g. "
@@ -397,20 +504,32 @@ def _check_output(task: str, source: Path, output: Path) -> None:
     elif output.exists() and not output.is_dir():
         raise PredictError(f"output={output} is a file: a disc bundle writes masks, overlays and {DISC_CSV} "
                            "into a folder")
-    elif source.is_dir() and output.resolve() == source.resolve():
-        raise PredictError(f"output={output} is the input folder: masks would mix with the photographs; "
-                           "choose another folder")
+    written = [output, *([gradcam_folder(task, output)] if gradcam else [])]
+    if gradcam and task == "grading" and written[1].exists() and not written[1].is_dir():
+        raise PredictError(f"{written[1]} is a file: gradcam=true writes its overlays into a folder of that "
+                           "name; move the file or choose another output=")
+    if source.is_dir():
+        inside = [path for path in written if path.resolve().is_relative_to(source.resolve())]
+        if inside:
+            raise PredictError(f"output={output}: {inside[0]} would be inside the input folder {source}, and "
+                               "a later run on that folder would read the outputs as photographs; choose a "
+                               "place outside it (output=null puts them beside it)")
+
+
+def exit_status(cfg: DictConfig) -> int:
+    """:func:`run_predict`'s status, and 2 (the error logged) for a wrong ``model=``, ``input=`` or
+    ``output=``, a refused overwrite or a damaged bundle."""
+    try:
+        return run_predict(cfg)
+    except (PredictError, BundleError) as error:
+        log.error("%s", error)
+        return 2
 
 
 @hydra.main(version_base="1.3", config_path="conf/predict", config_name="predict")
 def main(cfg: DictConfig) -> None:
     quiet_onnx_tool_logs()
-    try:
-        status = run_predict(cfg)
-    except (PredictError, BundleError) as error:
-        log.error("%s", error)
-        status = 2
-    sys.exit(status)
+    sys.exit(exit_status(cfg))
 
 
 if __name__ == "__main__":

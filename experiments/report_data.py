@@ -28,14 +28,14 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from scipy import stats
-from sklearn.metrics import accuracy_score, cohen_kappa_score, f1_score
+from sklearn.metrics import accuracy_score, f1_score
 
-from experiments.chain_summary import BASE_ARM, liminal_points
+from experiments.chain_summary import BASE_ARM, DEFAULT_LIMINAL_TOLERANCE, liminal_points
+from experiments.stages import DR_STAGES
 
 log = logging.getLogger(__name__)
 
 DR, GLAUCOMA = "dr", "glaucoma"
-DR_STAGES = ("teacher", "student", "student_qat")
 PREDICTIONS_ARTIFACT = "predictions/test_predictions.csv"
 SPLITS_ARTIFACT = "run/splits.csv"
 SUMMARY_ARTIFACT = "summary/summary.csv"
@@ -382,7 +382,7 @@ def glaucoma_table(selected: Sequence[SelectedRun], ui_url: str,
 def liminal_result(selected: SelectedRun, summary: pd.DataFrame | None) -> LiminalResult:
     """The chain's liminal point per arm, from its own summary table and tolerance (``liminal_points``)."""
     params, metrics = selected.parent.data.params, selected.parent.data.metrics
-    tolerance = float(params.get("chain.liminal_tolerance", 0.05))
+    tolerance = float(params.get("chain.liminal_tolerance", DEFAULT_LIMINAL_TOLERANCE))
     columns = ["arm", "stage", "base", "dice", "edge_case_detection", "latency_ms", "size_bytes"]
     if summary is None:
         return LiminalResult(selected.parent, tolerance, pd.DataFrame(columns=columns),
@@ -449,8 +449,16 @@ def bench_result(client: MlflowClient, run: Run, workdir: Path) -> BenchResult |
 # ------------------------------------------------------------------------------------ distillation gain
 def grading_scores(truth: np.ndarray, predicted: np.ndarray, num_classes: int) -> np.ndarray:
     """[QWK, accuracy, macro F1] of one student's grades (the order of ``GAIN_METRICS``)."""
+    # the suite's one QWK (the bench and the int8 parity check use it too); imported here because it brings
+    # torch and ONNX Runtime, which the rest of the report never needs
+    import torch
+
+    from compression.quantization import quadratic_weighted_kappa
+
     labels = list(range(num_classes))
-    return np.array([cohen_kappa_score(truth, predicted, weights="quadratic", labels=labels),
+    qwk = quadratic_weighted_kappa(torch.from_numpy(np.asarray(truth)), torch.from_numpy(np.asarray(predicted)),
+                                   num_classes)
+    return np.array([qwk,
                      accuracy_score(truth, predicted),
                      f1_score(truth, predicted, average="macro", labels=labels, zero_division=0.0)])
 

@@ -16,6 +16,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
+from experiments.stages import run_key_as_overrides, split_run_key
 from experiments.tracking import (
     RunState,
     RunTracker,
@@ -86,9 +87,9 @@ def create_context(cfg: DictConfig) -> RunContext:
     return RunContext(cfg, project_root, run_dir, run_key, overrides, state, tracker)
 
 
-def _as_command_line(run_key: str) -> str:
-    """A run key (Hydra's override dirname, comma-separated) as the overrides one types."""
-    return "" if run_key == "(defaults)" else " ".join(run_key.split(","))
+#: overrides that only choose which stages run: a retest may add them to a run's own overrides (a chain
+#: resumed with finishers, say), since every stage it would test must have finished anyway
+STAGE_SELECTION_KEYS = frozenset({"stages", "chain.bases", "chain.arms", "chain.finishers", "chain.finish_after"})
 
 
 @dataclass
@@ -190,10 +191,12 @@ def check_retest(cfg: DictConfig, stages: list[str]) -> None:
         raise FileNotFoundError(f"retest=true resume={cfg.resume}: no run_state.json in {run_dir}")
     state = RunState.load_or_create(state_file, "")
     run_key = hydra_run_info()[1] or "(defaults)"
-    if state.run_key != run_key:
+    trained, today = split_run_key(state.run_key), split_run_key(run_key)
+    if {k: v for k, v in today.items() if k not in STAGE_SELECTION_KEYS} != {
+            k: v for k, v in trained.items() if k not in STAGE_SELECTION_KEYS}:
         raise ValueError(f"retest=true on {run_dir}: that run was trained with the overrides "
-                         f"{_as_command_line(state.run_key)!r}, this invocation has {_as_command_line(run_key)!r}. "
-                         f"Rerun with its own: {_as_command_line(state.run_key)} retest=true resume={run_dir}")
+                         f"{run_key_as_overrides(state.run_key)!r}, this invocation has {run_key_as_overrides(run_key)!r}. "
+                         f"Rerun with its own: {run_key_as_overrides(state.run_key)} retest=true resume={run_dir}")
     unfinished = [stage for stage in stages if not state.stage_done(stage)]
     if unfinished:
         raise ValueError(f"retest=true trains nothing, but stages {unfinished} of {run_dir} never finished: "

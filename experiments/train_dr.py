@@ -27,6 +27,7 @@ from experiments.runner import (
     retest_stage,
     start_invocation,
 )
+from experiments.stages import DR_FINISHERS, DR_STAGES
 from lightning_modules.classifier import StudentDistiller, TeacherClassifier
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ def _student_qat_module(cfg: DictConfig, student_checkpoint: str) -> StudentDist
 
 
 #: stages whose tested weights are a plain checkpoint (student_qat's are a QAT-prepared network and its file)
-RETESTABLE = ("teacher", "student")
+RETESTABLE = tuple(stage for stage in DR_STAGES if stage not in DR_FINISHERS)
 
 
 def _finished_module(stage: str, checkpoint: str):

@@ -47,21 +47,23 @@ class _ImageOnly(nn.Module):
     """One-tensor view of a network for pytorch_grad_cam, which feeds the model a single input tensor.
 
     The other inputs (the student's topological features) are held fixed. A segmentation output (B, 1, H, W)
-    becomes one score per image, the sum of the logits over the pixels predicted as disc (logit > 0), as
-    grad-cam's ``SemanticSegmentationTarget`` does, so GradCAM explains "why is this the disc"; an image with no
-    predicted disc pixel uses the sum of all its logits instead (what pushes the map towards a disc at all).
+    becomes one score per image, the sum of the logits over the pixels predicted as disc (probability above
+    ``threshold``, i.e. logit above log(t / (1 - t))), as grad-cam's ``SemanticSegmentationTarget`` does, so
+    GradCAM explains "why is this the disc"; an image with no predicted disc pixel uses the sum of all its logits
+    instead (what pushes the map towards a disc at all).
     """
 
-    def __init__(self, net: nn.Module, extra_inputs: Sequence[Tensor]):
+    def __init__(self, net: nn.Module, extra_inputs: Sequence[Tensor], threshold: float = 0.5):
         super().__init__()
         self.net = net
         self.extra_inputs = list(extra_inputs)
+        self.logit_threshold = math.log(threshold / (1.0 - threshold))  # sigmoid(x) > t  <=>  x > logit(t)
 
     def forward(self, image: Tensor) -> Tensor:
         output = self.net(image, *self.extra_inputs)
         if output.ndim == 4:
             logits = output.flatten(1)
-            predicted = logits > 0
+            predicted = logits > self.logit_threshold
             disc_score = (logits * predicted).sum(dim=1, keepdim=True)
             return torch.where(predicted.any(dim=1, keepdim=True), disc_score, logits.sum(dim=1, keepdim=True))
         return output
@@ -98,11 +100,13 @@ def grad_cam_target_layer(net: nn.Module) -> nn.Module:
 
 
 def grad_cam_heatmaps(net: nn.Module, inputs: tuple[Tensor, ...], target_layer: nn.Module,
-                      target_classes: Sequence[int] | None = None) -> np.ndarray:
+                      target_classes: Sequence[int] | None = None, threshold: float = 0.5) -> np.ndarray:
     """GradCAM maps (B, H, W) float32 in [0, 1] at the spatial size of ``inputs[0]`` (each map scaled to its max).
 
     ``inputs`` are the network's inputs, ``(image,)`` or ``(image, topo)``; ``target_classes`` one class per
-    image, None for the predicted class (ignored for a segmentation network, see ``_ImageOnly``). The network
+    image, None for the predicted class (ignored for a segmentation network, see ``_ImageOnly``).
+    ``threshold``: for a segmentation network (mask logits), the disc probability above which a pixel counts as
+    predicted disc (the stage's / bundle's threshold); a classifier ignores it. The network
     is run in eval mode and gets back its train/eval mode and ``requires_grad`` flags; its parameters receive
     no gradients (the input carries them instead, so a frozen network can be explained too). Works inside
     ``torch.inference_mode`` (a Lightning test hook) by leaving it for the computation.
@@ -114,6 +118,9 @@ def grad_cam_heatmaps(net: nn.Module, inputs: tuple[Tensor, ...], target_layer: 
     if target_classes is not None and len(target_classes) != batch:
         raise ValueError(f"grad_cam_heatmaps: {len(target_classes)} target classes for {batch} images; "
                          "give one per image, or None for the predicted class")
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"grad_cam_heatmaps: threshold={threshold} is a disc probability in (0, 1), e.g. the "
+                         "stage's threshold (0.5 by default)")
     was_training = net.training
     requires_grad = [parameter.requires_grad for parameter in net.parameters()]
     device = next(net.parameters()).device
@@ -123,7 +130,7 @@ def grad_cam_heatmaps(net: nn.Module, inputs: tuple[Tensor, ...], target_layer: 
             image, *extra = (tensor.detach().to(device).clone() for tensor in inputs)
             image.requires_grad_(True)
             net.requires_grad_(False)
-            cam = GradCAM(model=_ImageOnly(net, extra), target_layers=[target_layer])
+            cam = GradCAM(model=_ImageOnly(net, extra, threshold), target_layers=[target_layer])
             try:
                 targets = None if target_classes is None else [ClassifierOutputTarget(int(c)) for c in target_classes]
                 heatmaps = cam(input_tensor=image, targets=targets)

@@ -14,6 +14,7 @@ import torch
 from lightning import Trainer
 from lightning.pytorch.loggers import MLFlowLogger
 from mlflow.tracking import MlflowClient
+from torch.utils.data import DataLoader, Subset
 
 from callbacks.classification_diagnostics import ClassificationDiagnostics
 from callbacks.grading_explanations import GradingExplanations, first_indices_per_grade
@@ -28,13 +29,7 @@ from lightning_modules.segmenter import DiscSegmenter
 GRADES = [0, 1, 2, 3, 4] * 6  # 30 images: every split holds every grade
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny networks gain nothing from a second thread; on the busy 2-core machine OpenMP's waiting costs seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def write_rgb(path: Path, image: np.ndarray) -> None:
@@ -116,6 +111,27 @@ def test_dr_test_stage_logs_ece_predictions_plots_and_explanations(store: Path, 
     ece = expected_calibration_error(probabilities, table["label"].to_numpy(), n_bins=5)
     assert run.data.metrics["test/ece"] == pytest.approx(ece, abs=1e-5)
     assert results["test/ece"] == pytest.approx(ece, abs=1e-5) and diagnostics.report["test/ece"] == results["test/ece"]
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["shuffled-sampler", "subset"])
+def test_predictions_name_each_image_by_its_batch_index_in_any_loader_order(dr_data: DRDataModule, wrapped: bool,
+                                                                              tmp_path: Path):
+    test = dr_data.datasets["test"]
+    order = np.random.default_rng(3).permutation(len(test))[:7].tolist()  # batches of 3, 3 and 1
+    assert order != sorted(order)
+    # a loader that serves the test images out of their order: through a sampler, or as a Subset of them
+    loader = (DataLoader(Subset(test, order), batch_size=3) if wrapped
+              else DataLoader(test, batch_size=3, sampler=order))
+    diagnostics = ClassificationDiagnostics(n_bins=5, weights_dir=str(tmp_path))
+    trainer = Trainer(accelerator="cpu", devices=1, logger=False, callbacks=[diagnostics], enable_progress_bar=False,
+                      enable_model_summary=False, enable_checkpointing=False)
+    torch.manual_seed(0)
+    module = TeacherClassifier(backbone="test_efficientnet", pretrained="none", channels_last=False)
+    trainer.test(module, dataloaders=loader, verbose=False)
+
+    table = pd.read_csv(tmp_path / "test_predictions.csv")
+    assert table["image"].tolist() == [Path(test.paths[i]).name for i in order]
+    assert table["label"].tolist() == [int(test.labels[i]) for i in order]
 
 
 def figure_shape(client: MlflowClient, run_id: str, name: str, folder: Path) -> tuple[int, ...]:

@@ -56,6 +56,19 @@ def write_photo(path: Path, image_rgb: np.ndarray) -> Path:
     return path
 
 
+def write_stored(path: Path, image: np.ndarray) -> Path:
+    """Write an array as OpenCV stores it (greyscale, BGR, BGRA, 16-bit): files of the kinds training never
+    saw."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert cv2.imwrite(str(path), image)
+    return path
+
+
+def twelve_bit(image_rgb: np.ndarray) -> np.ndarray:
+    """The photograph as a 12-bit camera stores it in a 16-bit file (BGR, 0-4095): 255 becomes 4095."""
+    return np.round(cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR) * (4095 / 255)).astype(np.uint16)
+
+
 def fitted_imager() -> PersistenceImager:
     """A persistence imager fitted on three preprocessed photographs, as DRDataModule fits it on train."""
     diagrams = [image_diagrams(GRADING_PREPROCESSING(fundus_photo(seed)), TOPOLOGY) for seed in range(3)]

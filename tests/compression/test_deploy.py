@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import stat
+import struct
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,6 +25,8 @@ from compression.deploy import (
     Predictor,
     fundus_problem,
     load_bundle,
+    read_photograph,
+    write_atomically,
     write_bundle,
 )
 from compression.export import ort_session, run_session
@@ -40,9 +45,11 @@ from tests.compression.deploy_helpers import (
     fundus_photo,
     grading_batches,
     tiny_student,
+    twelve_bit,
     write_disc_bundle,
     write_grading_bundle,
     write_photo,
+    write_stored,
 )
 
 
@@ -211,8 +218,8 @@ def test_a_synthetic_fundus_photograph_is_usable():
 @pytest.mark.parametrize(("image", "reason"), [
     (np.zeros((120, 160, 3), np.uint8), "almost black"),
     (np.full((120, 160, 3), 128, np.uint8), "greyscale"),
-    (np.zeros((120, 160), np.uint8), "1 channel"),
-    (np.zeros((120, 160, 4), np.uint8), "4 channel"),
+    (np.zeros((120, 160), np.uint8), "1 channel(s) (greyscale)"),
+    (np.zeros((120, 160, 4), np.uint8), "has an alpha channel"),
     (np.full((120, 160, 3), (200, 90, 40), np.uint8), "uniform"),
     (np.zeros((120, 160, 3), np.float32), "uint8"),
 ])
@@ -232,6 +239,68 @@ def test_fundus_problem_tells_too_small_black_and_retina_less_frames_apart():
     frame = np.zeros((400, 400, 3), np.uint8)
     frame[100:190, 100:190] = retina
     assert "no retina found: the bright region is only 90x90 px" in fundus_problem(frame)
+
+
+# ----------------------------------------------------------------------------------------- read_photograph
+def test_read_photograph_names_transparent_greyscale_and_float_files(tmp_path: Path):
+    bgr = cv2.cvtColor(fundus_photo(0), cv2.COLOR_RGB2BGR)
+    opaque_alpha = np.full(bgr.shape[:2], 255, np.uint8)  # even fully opaque: the file has transparency
+    with pytest.raises(NotAFundusError, match=r"has an alpha channel \(transparent parts\): save it as an opaque"):
+        read_photograph(write_stored(tmp_path / "rgba.png", np.dstack([bgr, opaque_alpha])))
+    grey = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
+    for name in ("grey.png", "grey.jpg"):
+        with pytest.raises(NotAFundusError, match=r"1 channel\(s\) \(greyscale\)"):
+            read_photograph(write_stored(tmp_path / name, grey))
+    with pytest.raises(NotAFundusError, match="pixel type float32"):
+        read_photograph(write_stored(tmp_path / "float.tiff", bgr.astype(np.float32) / 255))
+
+
+def test_a_16_bit_photograph_is_rescaled_by_its_own_maximum(tmp_path: Path, caplog):
+    photo = fundus_photo(0)
+    assert photo.max() == 255
+    path = write_stored(tmp_path / "12bit.png", twelve_bit(photo))  # 0-4095 in a 16-bit PNG
+    with caplog.at_level(logging.INFO, logger="compression.deploy"):
+        decoded = read_photograph(path)
+    # scaled by 255/4095 back: round(round(v * 4095/255) * 255/4095) == v for every 8-bit v
+    np.testing.assert_array_equal(decoded, photo)
+    assert "16-bit image, rescaled to 8 bits by its own maximum (4095 -> 255)" in caplog.text
+    # what IMREAD_COLOR would have given: the top 8 of 16 bits, 4095 >> 8 = 15, an almost black frame
+    assert read_rgb(path).max() == 15
+
+
+def test_a_jpeg_is_turned_by_its_exif_orientation_as_in_training(tmp_path: Path):
+    frame = np.zeros((80, 120, 3), np.uint8)
+    frame[4:76, 24:96] = fundus_photo(1, size=72)
+    _, encoded = cv2.imencode(".jpg", cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+    # an APP1 Exif segment right after the JPEG's start marker: a little-endian TIFF header and one IFD entry,
+    # Orientation (0x0112, SHORT) = 6, "rotate 90 degrees clockwise to display"
+    tiff = b"II*\x00" + struct.pack("<IH", 8, 1) + struct.pack("<HHII", 0x0112, 3, 1, 6) + struct.pack("<I", 0)
+    exif = b"Exif\x00\x00" + tiff
+    data = encoded.tobytes()
+    path = tmp_path / "turned.jpg"
+    path.write_bytes(data[:2] + b"\xff\xe1" + struct.pack(">H", len(exif) + 2) + exif + data[2:])
+    decoded = read_photograph(path)
+    assert decoded.shape == (120, 80, 3)  # displayed upright: 80 wide, 120 high
+    np.testing.assert_array_equal(decoded, read_rgb(path))
+
+
+# ---------------------------------------------------------------------------------------- write_atomically
+def test_write_atomically_gives_the_usual_permissions_and_keeps_the_old_file_when_writing_fails(tmp_path: Path):
+    target = tmp_path / "results.csv"
+    umask = os.umask(0o022)
+    try:
+        write_atomically(target, lambda path: path.write_text("new\n"))
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o644  # 0666 less the umask, not mkstemp's 0600
+
+    def half_written(path: Path) -> None:
+        path.write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_atomically(target, half_written)
+    assert target.read_text() == "new\n" and [p.name for p in tmp_path.iterdir()] == ["results.csv"]
 
 
 # ------------------------------------------------------------------------------------------------ callback

@@ -10,13 +10,16 @@ import onnx
 import pytest
 import torch
 from lightning import LightningDataModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 from onnx import TensorProto
 from torch import nn
 from torch.nn.utils import parametrize
 from torch.utils.data import DataLoader
 
+from callbacks.deployment_bundle import DeploymentBundle
 from callbacks.quantization_aware_training import QuantizationAwareTraining
+from compression.deploy import load_bundle
 from compression.export import export_onnx, ort_session, run_session
 from compression.quantization import (
     ActivationFakeQuant,
@@ -32,6 +35,8 @@ from compression.quantization import (
     quantize_onnx_static,
     strip_qat,
 )
+from datamodules.optic_disc import DiscPreprocessing, disc_spec
+from lightning_modules.explain import grad_cam_heatmaps, grad_cam_target_layer
 from lightning_modules.nets.vgg_unet import VGGUNet
 from lightning_modules.segmenter import DiscSegmenter
 from tests.compression.helpers import DiscBatches, tiny_unet
@@ -333,3 +338,64 @@ def test_callback_parity_failure_raises_and_restores_the_unquantized_network(tmp
     assert module.net is original
     assert not any(parametrize.is_parametrized(m) for m in module.net.modules())
     assert all(torch.equal(before[key], value) for key, value in module.net.state_dict().items())
+
+
+# ------------------------------------------------------------------------------- QAT stage -> bundle -> GradCAM
+class _DiscStageData(_DiscData):
+    """A QAT stage's datamodule as the runner tests it: a test split and the preprocessing spec too."""
+
+    def test_dataloader(self):
+        return DataLoader(_discs(4, seed=3), batch_size=4)
+
+    def inference_spec(self) -> dict:
+        return disc_spec(DiscPreprocessing(image_size=SIZE))
+
+
+def _qat_stage_trainer(callbacks: list, **options) -> Trainer:
+    return Trainer(max_epochs=1, callbacks=callbacks, logger=False, enable_progress_bar=False,
+                   enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=1, accelerator="cpu",
+                   **({"enable_checkpointing": False} | options))
+
+
+def _lenient_qat(output_dir: Path) -> QuantizationAwareTraining:
+    return QuantizationAwareTraining(output_dir=str(output_dir), prepare_batches=1, exporter="torchscript",
+                                     max_mean_abs_logit_diff=1.0, min_mask_dice=0.5)
+
+
+def test_a_qat_stage_bundles_its_plain_network_which_gradcam_explains(tmp_path: Path):
+    module, data = _segmenter(), _DiscStageData()
+    qat = _lenient_qat(tmp_path / "qat")
+    bundle_callback = DeploymentBundle(weights_dir=str(tmp_path / "qat-prune-8"), calibration_images=4,
+                                       exporter="torchscript")
+    trainer = _qat_stage_trainer([qat, bundle_callback])
+    trainer.fit(module, datamodule=data)
+    trainer.test(module, datamodule=data, verbose=False)  # the runner tests a finisher on its final weights
+
+    bundle = load_bundle(tmp_path / "qat-prune-8" / "deploy")
+    assert bundle.manifest["int8"]["source"] == "quantization-aware training"
+    assert bundle.int8_path.read_bytes() == qat.int8_path.read_bytes()
+    network = bundle.load_network()  # torch.save could not pickle a parametrized (fake-quantized) network
+    assert not any(parametrize.is_parametrized(m) for m in network.modules())
+    trained = module.net.state_dict()
+    assert network.state_dict().keys() == trained.keys()
+    assert all(torch.equal(value, trained[key].cpu()) for key, value in network.state_dict().items())
+    # what predict gradcam=true does with the bundle's network
+    heatmap = grad_cam_heatmaps(network, (images(1, seed=5),), grad_cam_target_layer(network))[0]
+    assert heatmap.shape == (SIZE, SIZE) and heatmap.std() > 0.01
+
+
+def test_a_qat_fit_resumed_after_its_last_epoch_still_exports_int8_and_strips_the_network(tmp_path: Path):
+    checkpoints = tmp_path / "checkpoints"
+    first = _lenient_qat(tmp_path / "first")
+    _qat_stage_trainer([first, ModelCheckpoint(dirpath=checkpoints, save_last=True)],
+                       enable_checkpointing=True).fit(_segmenter(), datamodule=_DiscStageData())
+    assert first.int8_path is not None
+    # the process died after the last epoch (e.g. while testing): the resumed fit has no epoch left to run, and
+    # Lightning skips on_train_end; without the export the stage would be bundled fake-quantized and without int8
+    module, resumed = _segmenter(), _lenient_qat(tmp_path / "resumed")
+    _qat_stage_trainer([resumed, ModelCheckpoint(dirpath=checkpoints, save_last=True)],
+                       enable_checkpointing=True).fit(module, datamodule=_DiscStageData(),
+                                                      ckpt_path=str(checkpoints / "last.ckpt"))
+    assert resumed.int8_path == tmp_path / "resumed" / "model_int8.onnx" and resumed.int8_path.is_file()
+    assert not any(parametrize.is_parametrized(m) for m in module.net.modules())
+    assert resumed.report["quant/int8_size_bytes"] == resumed.int8_path.stat().st_size

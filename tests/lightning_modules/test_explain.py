@@ -42,13 +42,7 @@ SIZE = 128  # test_efficientnet reduces 32x: a 4x4 feature map, enough for a map
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny networks gain nothing from a second thread; on the busy 2-core machine OpenMP's waiting costs seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def structured_images(count: int = 2) -> torch.Tensor:
@@ -126,6 +120,50 @@ def test_grad_cam_of_the_segmenter_explains_its_mask():
     unet = VGGUNet(base=4).eval()
     heatmaps = grad_cam_heatmaps(unet, (structured_images()[:, :, :64, :64],), grad_cam_target_layer(unet))
     assert heatmaps.shape == (2, 64, 64) and heatmaps.min() >= 0 and heatmaps.max() <= 1 and heatmaps.std() > 0.01
+
+
+class TwoBlobMask(nn.Module):
+    """Mask logits relu(red) + relu(green) - 4 from the feature map (relu(red), relu(green)).
+
+    The head's ReLU passes a gradient only where a channel is positive, so GradCAM's weight of a channel is the
+    share of pixels counted as disc that lie on that channel's blob: which blobs the map shows depends on the
+    probability threshold that decides which pixels are disc.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 2, kernel_size=1, bias=False), nn.ReLU())
+        self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(2, 1, kernel_size=1))
+        with torch.no_grad():
+            self.features[0].weight.zero_()
+            self.features[0].weight[0, 0] = 1.0
+            self.features[0].weight[1, 1] = 1.0
+            self.head[1].weight.fill_(1.0)
+            self.head[1].bias.fill_(-4.0)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(image))
+
+
+def test_grad_cam_of_a_mask_explains_the_pixels_above_the_probability_threshold():
+    net = TwoBlobMask()
+    image = torch.zeros(1, 3, 16, 16)
+    image[0, 0, 2:6, 2:6] = 7.0  # red blob: logit 3, probability 0.95
+    image[0, 1, 10:14, 10:14] = 4.0  # green blob: logit 0, probability 0.5; background: logit -4 (0.018)
+    red, green = (slice(2, 6), slice(2, 6)), (slice(10, 14), slice(10, 14))
+    strict = grad_cam_heatmaps(net, (image,), net.features, threshold=0.9)[0]
+    lenient = grad_cam_heatmaps(net, (image,), net.features, threshold=0.1)[0]
+    # t = 0.9 (logit > 2.20): the red blob alone is disc, so only the red channel gets a weight
+    np.testing.assert_allclose(strict[red], 1.0, atol=1e-5)
+    assert strict.sum() == pytest.approx(16.0, abs=1e-3)
+    # t = 0.1 (logit > -2.20): both blobs are disc, equal areas give equal weights, the map is 7 : 4
+    np.testing.assert_allclose(lenient[red], 1.0, atol=1e-5)
+    np.testing.assert_allclose(lenient[green], 4 / 7, atol=1e-5)
+    assert lenient.sum() == pytest.approx(16.0 + 16.0 * 4 / 7, abs=1e-3)
+    # the default 0.5 (logit > 0): the green blob's logit 0 is not above it
+    np.testing.assert_allclose(grad_cam_heatmaps(net, (image,), net.features)[0], strict, atol=1e-6)
+    with pytest.raises(ValueError, match="threshold=1.0"):
+        grad_cam_heatmaps(net, (image,), net.features, threshold=1.0)
 
 
 def test_target_layers_of_the_project_networks():
