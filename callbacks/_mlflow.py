@@ -1,4 +1,5 @@
-"""What the test-stage callbacks share: their MLflow loggers, artifact logging, and the test split's images."""
+"""What the test-stage callbacks share: their MLflow loggers, artifact logging, and the test split's images
+and example inputs."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 import numpy as np
 from lightning import Trainer
 from lightning.pytorch.loggers import MLFlowLogger
+from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
 
@@ -32,6 +34,11 @@ def first_test_loader(trainer: Trainer) -> DataLoader | None:
     if isinstance(loaders, list | tuple):
         return loaders[0] if loaders else None
     return loaders
+
+
+def first_test_example(trainer: Trainer, pl_module) -> tuple[Tensor, ...]:
+    """The network's inputs for the first item of the test split (``pl_module.example_inputs``), on the CPU."""
+    return tuple(t.cpu() for t in pl_module.example_inputs(next(iter(first_test_loader(trainer)))))
 
 
 def image_names(dataset: object, indices: np.ndarray) -> list[str]:

@@ -12,10 +12,10 @@ from lightning import Callback, LightningModule, Trainer
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from callbacks._mlflow import mlflow_loggers
+from callbacks._mlflow import first_test_example, mlflow_loggers
 from callbacks.quantization_aware_training import QuantizationAwareTraining
 from compression.deploy import DEFAULT_THRESHOLD, DEPLOY_DIR_TAG, DEPLOY_FOLDER, Bundle, write_bundle
-from compression.export import Exporter
+from compression.export import Exporter, network_input_names
 from compression.quantization import DEFAULT_CALIBRATION_IMAGES, is_qat_prepared, strip_qat
 
 log = logging.getLogger(__name__)
@@ -86,11 +86,8 @@ class DeploymentBundle(Callback):
                         "plain fp32 copy with its fake-quantized weights", type(net).__name__)
             net = baked_qat_copy(net)
         spec = datamodule.inference_spec()
-        input_names = ("image", "topo") if getattr(net, "uses_topology", False) else ("image",)
-        loaders = trainer.test_dataloaders
-        # several test loaders (the test split and a hard-case set): the first is the test split
-        loader = loaders[0] if isinstance(loaders, list | tuple) else loaders
-        example = tuple(t.cpu() for t in pl_module.example_inputs(next(iter(loader))))
+        input_names = network_input_names(net)
+        example = first_test_example(trainer, pl_module)
         extra = {"stage": folder.parent.name, "module": type(pl_module).__name__}
         if spec["task"] == "disc":
             extra["threshold"] = float(getattr(pl_module, "threshold", DEFAULT_THRESHOLD))

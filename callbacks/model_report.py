@@ -10,6 +10,7 @@ import torch
 from lightning import Callback, LightningModule, Trainer
 from torch import Tensor
 
+from callbacks._mlflow import first_test_example
 from callbacks.quantization_aware_training import QuantizationAwareTraining
 from callbacks.weight_sharing import WeightSharing
 from compression.export import as_ort_array, ort_session
@@ -49,11 +50,7 @@ class ModelReport(Callback):
 
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         net = pl_module.net
-        loaders = trainer.test_dataloaders
-        # several test loaders (e.g. the test split and a hard-case set): the first is the test split
-        loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
-        batch = next(iter(loader))
-        inputs = tuple(t.to("cpu") for t in pl_module.example_inputs(batch))
+        inputs = first_test_example(trainer, pl_module)
         device = next(net.parameters()).device
         net_cpu = net.to("cpu")
         latency = model_latency(net_cpu, inputs, runs=self.latency_runs, warmup=self.warmup_runs)

@@ -43,7 +43,7 @@ from compression.export import Exporter, export_onnx, onnx_parity, ort_session, 
 from compression.quantization import (
     DEFAULT_CALIBRATION_IMAGES,
     calibration_feeds,
-    int8_parity,
+    measure_int8_parity,
     quantize_onnx_static,
 )
 from datamodules.dr import GRADING_TASK, grading_network_inputs, grading_preprocessing_from_spec
@@ -349,26 +349,13 @@ def _int8_model(network: nn.Module, fp32_path: Path, int8_path: Path, input_name
         int8 = {"source": "quantization-aware training", "copied_from": str(Path(int8_onnx).resolve())}
     else:
         quantize_onnx_static(fp32_path, int8_path, feeds)
-        shutil.copymode(fp32_path, int8_path)  # the quantizer's temporary file is private (0600)
         int8 = {"source": "post-training static quantization", "calibration_images": len(feeds)}
-    session = ort_session(int8_path, threads)  # also checks that ONNX Runtime loads the file
+    ort_session(int8_path, threads)  # checks that ONNX Runtime loads the file, calibration images or not
     if feeds:
-        int8["parity"] = feeds_parity(network, session, feeds, input_names, threshold)
+        batches = ({name: torch.from_numpy(feed[name]) for name in input_names} for feed in feeds)
+        int8["parity"] = measure_int8_parity(network, int8_path, batches, input_names, target_key=None,
+                                             threshold=threshold, threads=threads)
     return int8
-
-
-def feeds_parity(network: nn.Module, session: ort.InferenceSession, feeds: Sequence[Mapping[str, np.ndarray]],
-                 input_names: Sequence[str], threshold: float = DEFAULT_THRESHOLD) -> dict[str, float]:
-    """:func:`compression.quantization.int8_parity` of ``session``'s outputs against ``network``'s on
-    ``feeds`` (input name -> array), plus ``images``."""
-    references, quantized = [], []
-    with torch.no_grad():
-        for feed in feeds:
-            arrays = [feed[name] for name in input_names]
-            references.append(network(*(torch.from_numpy(array) for array in arrays)).float())
-            quantized.append(torch.from_numpy(run_session(session, arrays)[0]))
-    parity = int8_parity(torch.cat(references), torch.cat(quantized), threshold=threshold)
-    return parity | {"images": float(len(feeds))}
 
 
 def write_atomically(path: str | os.PathLike, write: Callable[[Path], object]) -> None:

@@ -49,6 +49,12 @@ class OnnxModelError(ValueError):
     """An ONNX file that ONNX Runtime cannot load (missing, truncated, or not a model)."""
 
 
+def network_input_names(net: nn.Module) -> tuple[str, ...]:
+    """The ONNX input names of one of the project's networks: the DR student with its topological branch takes
+    the image and its persistence features, every other network the image alone."""
+    return ("image", "topo") if getattr(net, "uses_topology", False) else ("image",)
+
+
 def export_onnx(
     model: nn.Module,
     example_inputs: tuple[Tensor, ...],

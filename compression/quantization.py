@@ -73,6 +73,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -195,6 +196,8 @@ def quantize_onnx_static(
             weight_type=_QUANT_TYPES[weight_type], nodes_to_exclude=excluded_nodes or None,
         )
         os.replace(temporary, int8_path)
+        # mkstemp's file is private (0600); the int8 model is as readable as the model it was made from
+        shutil.copymode(fp32_path, int8_path)
     finally:
         Path(temporary).unlink(missing_ok=True)
     log.info("Quantized %s -> %s (%.2f -> %.2f MB, %d calibration feeds)", fp32_path, int8_path,

@@ -52,7 +52,7 @@ from compression.benchmark import (
     pareto_plot,
     torch_threads,
 )
-from compression.export import as_ort_array, ort_session, quiet_onnx_tool_logs
+from compression.export import as_ort_array, network_input_names, ort_session, quiet_onnx_tool_logs
 from compression.packed_format import vgg_unet_architecture
 from datamodules.dr import DRDataModule
 from datamodules.fundus import read_rgb
@@ -293,9 +293,8 @@ def _dr_pipeline(cfg: DictConfig, mode: str, run_dir: Path | None) -> Pipeline:
     models = []
     for name, module in modules.items():
         net = module.net.eval().to(memory_format=torch.contiguous_format)
-        uses_topology = bool(getattr(net, "uses_topology", False))
-        names = ("image", "topo") if uses_topology else ("image",)
-        inputs = (image, topo) if uses_topology else (image,)
+        names = network_input_names(net)
+        inputs = (image, topo)[:len(names)]
         hparams = dict(module.hparams)
         if name == "student":
             keys = ("backbone", "num_classes", "topo_features", "topo_hidden", "topo_embedding", "cbam_rd_ratio",

@@ -64,9 +64,14 @@ _FOREVER = 10**9
 _FINISHER_OVERRIDES = {"train_until_sufficient": {"target": math.inf}}
 
 
+def _kd_arguments(cfg: DictConfig) -> dict[str, float]:
+    """Every stage's segmenter carries the chain's KD settings (used only on batches a teacher annotated)."""
+    return {"kd_alpha": cfg.chain.kd.alpha, "kd_temperature": cfg.chain.kd.temperature}
+
+
 def _stage_module(cfg: DictConfig, stage: ChainStage, results: dict[str, dict[str, Any]]) -> DiscSegmenter:
     chain = cfg.chain
-    kd = {"kd_alpha": chain.kd.alpha, "kd_temperature": chain.kd.temperature}
+    kd = _kd_arguments(cfg)
     if stage.arm == BASE_ARM:
         return instantiate(cfg.model.segmenter, base=stage.base, **kd)
     if stage.arm == "prune":
@@ -98,7 +103,6 @@ def _stage_callbacks(cfg: DictConfig, stage: ChainStage, results: dict[str, dict
         finisher = chain.callbacks.qat if stage.arm == "qat" else chain.callbacks.weight_sharing
         callbacks.append(instantiate(finisher, output_dir=str(stage_dir)))
     return callbacks
-
 
 
 def _trainer_overrides(cfg: DictConfig, stage: ChainStage) -> dict[str, Any]:
@@ -169,8 +173,7 @@ def _retest_stage(ctx: RunContext, cfg: DictConfig, stage: ChainStage, dm: DiscD
     """The finished stage's tested network (its ``network.pt``) tested again with today's callbacks. Finishers
     are skipped by the caller: what they deploy is their int8 / packed file, not a network to test again."""
     network = ctx.state.stages[stage.name]["network"]
-    module = instantiate(cfg.model.segmenter, network_path=network, vgg16_weights=None,
-                         kd_alpha=cfg.chain.kd.alpha, kd_temperature=cfg.chain.kd.temperature)
+    module = instantiate(cfg.model.segmenter, network_path=network, vgg16_weights=None, **_kd_arguments(cfg))
     return retest_stage(ctx, stage.name, module, dm, tags | {"arm": stage.arm, "base": str(stage.base)})
 
 

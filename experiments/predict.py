@@ -53,7 +53,6 @@ import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
@@ -76,7 +75,7 @@ from compression.export import quiet_onnx_tool_logs
 from datamodules.fundus import UnreadableImageError
 from experiments.chain_summary import BASE_ARM, DEFAULT_LIMINAL_TOLERANCE, FINISHERS, liminal_points
 from experiments.stages import DR_FINISHERS, DR_STAGES, run_key_as_overrides
-from experiments.tracking import default_tracking_uri
+from experiments.tracking import child_runs, default_tracking_uri, is_parent, read_csv_artifact
 
 log = logging.getLogger(__name__)
 
@@ -237,14 +236,13 @@ def _bundle_of_mlflow_run(run_id: str, client: MlflowClient, cache_dir: Path,
         raise PredictError(f"model={run_id}: no such run in the MLflow store {tracking_uri} (set "
                            "MLFLOW_TRACKING_URI for another store)") from error
     why = f"MLflow run {run.info.run_name} ({run_id})"
-    if MLFLOW_PARENT_RUN_ID not in run.data.tags:
-        children = client.search_runs([run.info.experiment_id],
-                                      filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{run_id}'")
-        by_stage = {child.info.run_name: child for child in children if child.info.status == "FINISHED"}
+    if is_parent(run):
+        by_stage = {child.info.run_name: child for child in child_runs(client, run)
+                    if child.info.status == "FINISHED"}
         if set(by_stage) & set(DR_STAGES):
             preference, target = dr_stage_preference(list(by_stage)), MAKE_DR
         else:
-            summary = _download_summary(client, run_id, cache_dir)
+            summary = _download_summary(client, run, cache_dir)
             tolerance = float(run.data.params.get("chain.liminal_tolerance", DEFAULT_LIMINAL_TOLERANCE))
             preference, target = disc_stage_preference(list(by_stage), summary, tolerance), MAKE_CHAIN
         # the run name is "<task>[<override dirname>]" (experiments.runner.run_name); the folder is not logged
@@ -258,11 +256,9 @@ def _bundle_of_mlflow_run(run_id: str, client: MlflowClient, cache_dir: Path,
     return _bundle_of_child_run(client, run, cache_dir), why
 
 
-def _download_summary(client: MlflowClient, run_id: str, cache_dir: Path) -> pd.DataFrame | None:
-    target = cache_dir / "predict" / run_id
-    target.mkdir(parents=True, exist_ok=True)
+def _download_summary(client: MlflowClient, run, cache_dir: Path) -> pd.DataFrame | None:
     try:
-        return pd.read_csv(client.download_artifacts(run_id, "summary/summary.csv", str(target)))
+        return read_csv_artifact(client, run, "summary/summary.csv", cache_dir / "predict")
     except (MlflowException, OSError):
         return None
 

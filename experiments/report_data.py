@@ -32,6 +32,7 @@ from sklearn.metrics import accuracy_score, f1_score
 
 from experiments.chain_summary import BASE_ARM, DEFAULT_LIMINAL_TOLERANCE, liminal_points
 from experiments.stages import DR_STAGES
+from experiments.tracking import child_runs, download_artifact, is_parent, read_csv_artifact
 
 log = logging.getLogger(__name__)
 
@@ -158,17 +159,6 @@ def run_link(ui_url: str, run: Run, text: str | None = None) -> Link:
     return Link(text or run.info.run_id, run_url(ui_url, run))
 
 
-def is_parent(run: Run) -> bool:
-    return MLFLOW_PARENT_RUN_ID not in run.data.tags
-
-
-def child_runs(client: MlflowClient, parent: Run) -> list[Run]:
-    """The runs whose ``mlflow.parentRunId`` tag names ``parent``, oldest first."""
-    return list(client.search_runs([parent.info.experiment_id],
-                                   filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent.info.run_id}'",
-                                   order_by=["attributes.start_time ASC"]))
-
-
 def latest_parent_runs(client: MlflowClient, experiment_name: str) -> list[Run]:
     """FINISHED parent runs of the experiment, newest first (empty when the experiment does not exist)."""
     experiment = client.get_experiment_by_name(experiment_name)
@@ -284,22 +274,6 @@ def select_runs(client: MlflowClient, tracking_uri: str, run_ids: Sequence[str] 
                           f"{experiments[GLAUCOMA]} run to report on: run {names} first (or select runs with "
                           "report.runs=[<parent run id>,...]).")
     return selected, notes
-
-
-def download_artifact(client: MlflowClient, run: Run, path: str, workdir: Path) -> Path | None:
-    """The run's artifact ``path`` downloaded under ``workdir``; None when the run has no such artifact."""
-    folder = str(Path(path).parent)
-    listed = {item.path for item in client.list_artifacts(run.info.run_id, None if folder == "." else folder)}
-    if path not in listed:
-        return None
-    destination = workdir / run.info.run_id
-    destination.mkdir(parents=True, exist_ok=True)
-    return Path(client.download_artifacts(run.info.run_id, path, str(destination)))
-
-
-def read_csv_artifact(client: MlflowClient, run: Run, path: str, workdir: Path) -> pd.DataFrame | None:
-    local = download_artifact(client, run, path, workdir)
-    return None if local is None else pd.read_csv(local)
 
 
 # ------------------------------------------------------------------------------------------------ tables

@@ -175,6 +175,24 @@ def build_callbacks(callbacks_cfg: DictConfig, stage_dir: Path,
     return callbacks
 
 
+def _stage_trainer(ctx: RunContext, stage: str, tags: dict[str, str], callbacks: list[Callback],
+                   trainer_overrides: dict[str, Any] | None = None) -> tuple[L.Trainer, Any]:
+    """The stage's Trainer, logging to its child run (created once, reused on resume and retest)."""
+    # Lightning's log_model would upload best *and* last checkpoint; only the best one is worth keeping.
+    logger = ctx.tracker.child_logger(stage, tags, log_model=False)
+    trainer = instantiate(ctx.cfg.trainer, callbacks=callbacks, logger=logger,
+                          default_root_dir=str(ctx.run_dir / stage), **(trainer_overrides or {}))
+    return trainer, logger
+
+
+def callback_reports(callbacks: list[Callback]) -> dict[str, float]:
+    """Every callback's ``report`` (model report, compression and deployment callbacks), merged in order."""
+    report: dict[str, float] = {}
+    for callback in callbacks:
+        report |= getattr(callback, "report", {})
+    return report
+
+
 def check_retest(cfg: DictConfig, stages: list[str]) -> None:
     """Before anything starts: ``retest=true`` needs the folder of a run (``resume=true`` would find only
     unfinished runs, and otherwise start, and train, a new one), trained with these same overrides (others would
@@ -214,19 +232,15 @@ def retest_stage(
     child run: what a suite that gained diagnostics or deployment files since the run trained adds to it without
     retraining. Checkpoints and training state stay as they are; the recorded test metrics and report are updated.
     """
-    stage_dir = ctx.run_dir / stage
-    logger = ctx.tracker.child_logger(stage, extra_tags, log_model=False)
-    callbacks = build_callbacks(ctx.cfg.callbacks, stage_dir)
-    trainer: L.Trainer = instantiate(ctx.cfg.trainer, callbacks=callbacks, logger=logger,
-                                     default_root_dir=str(stage_dir))
+    callbacks = build_callbacks(ctx.cfg.callbacks, ctx.run_dir / stage)
+    trainer, logger = _stage_trainer(ctx, stage, extra_tags, callbacks)
     # The run logged these hyperparameters when it trained; a module rebuilt from its files differs in paths
     # (e.g. network_path), which MLflow refuses to overwrite. This is what save_hyperparameters(logger=False) sets.
     module._log_hyperparams = False
     trainer.test(module, datamodule=datamodule)
     result = ctx.state.stages[stage]
     result["test"] = dict(module.test_results)
-    for callback in callbacks:
-        result.setdefault("report", {}).update(getattr(callback, "report", {}))
+    result["report"] = result.get("report", {}) | callback_reports(callbacks)
     ctx.state.save()
     # Lightning logged them at this trainer's step 0, below the training run's steps, and MLflow shows a
     # metric's value at its largest step: log them again past the old ones so that the new values are shown.
@@ -258,12 +272,9 @@ def fit_and_test_stage(
     """
     cfg = ctx.cfg
     stage_dir = ctx.run_dir / stage
-    # Lightning's log_model would upload best *and* last checkpoint; only the best one is worth keeping.
-    logger = ctx.tracker.child_logger(stage, extra_tags, log_model=False)
-    ctx.tracker.log_context(logger.run_id, config_params(cfg) | (extra_params or {}), context_files)
     callbacks = build_callbacks(cfg.callbacks, stage_dir, callback_overrides) + list(extra_callbacks or [])
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger,
-                                     default_root_dir=str(stage_dir), **(trainer_overrides or {}))
+    trainer, logger = _stage_trainer(ctx, stage, extra_tags, callbacks, trainer_overrides)
+    ctx.tracker.log_context(logger.run_id, config_params(cfg) | (extra_params or {}), context_files)
     last = stage_dir / "checkpoints" / "last.ckpt"
     resume_from = str(last) if ctx.resuming and last.is_file() else None
     if resume_from:
@@ -285,11 +296,8 @@ def fit_and_test_stage(
         trainer.test(module, datamodule=datamodule, ckpt_path=best)
     if cfg.logger.log_model:
         ctx.tracker.client.log_artifact(logger.run_id, best, artifact_path="checkpoint")
-    report: dict[str, float] = {}
-    for callback in callbacks:
-        report |= getattr(callback, "report", {})
     result = {"status": "done", "checkpoint": best, "best_val": best_val,
-              "test": dict(module.test_results), "report": dict(report)}
+              "test": dict(module.test_results), "report": callback_reports(callbacks)}
     ctx.state.stages[stage] = result
     ctx.state.save()
     return result

@@ -15,7 +15,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 from lightning.pytorch.loggers import MLFlowLogger
+from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
@@ -197,3 +199,31 @@ def standard_tags(project_root: Path, overrides: list[str], data_fingerprint: st
         "data_fingerprint": data_fingerprint,
         "synthetic_data": str(synthetic).lower(),
     }
+
+
+# ------------------------------------------------------------ reading runs back (make report, make predict)
+def is_parent(run: Run) -> bool:
+    return MLFLOW_PARENT_RUN_ID not in run.data.tags
+
+
+def child_runs(client: MlflowClient, parent: Run) -> list[Run]:
+    """The runs whose ``mlflow.parentRunId`` tag names ``parent``, oldest first."""
+    return list(client.search_runs([parent.info.experiment_id],
+                                   filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent.info.run_id}'",
+                                   order_by=["attributes.start_time ASC"]))
+
+
+def download_artifact(client: MlflowClient, run: Run, path: str, workdir: Path) -> Path | None:
+    """The run's artifact ``path`` downloaded under ``workdir``; None when the run has no such artifact."""
+    folder = str(Path(path).parent)
+    listed = {item.path for item in client.list_artifacts(run.info.run_id, None if folder == "." else folder)}
+    if path not in listed:
+        return None
+    destination = workdir / run.info.run_id
+    destination.mkdir(parents=True, exist_ok=True)
+    return Path(client.download_artifacts(run.info.run_id, path, str(destination)))
+
+
+def read_csv_artifact(client: MlflowClient, run: Run, path: str, workdir: Path) -> pd.DataFrame | None:
+    local = download_artifact(client, run, path, workdir)
+    return None if local is None else pd.read_csv(local)

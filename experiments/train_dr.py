@@ -16,7 +16,7 @@ import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from compression.export import quiet_onnx_tool_logs
+from compression.export import network_input_names, quiet_onnx_tool_logs
 from datamodules.dr import DRDataModule
 from datamodules.errors import DataValidationError
 from experiments.runner import (
@@ -48,22 +48,21 @@ def _stage_module(cfg: DictConfig, stage: str, dm: DRDataModule, teacher_checkpo
 
 def _student_qat_module(cfg: DictConfig, student_checkpoint: str) -> StudentDistiller:
     """The trained student, to be fine-tuned with fake quantization (no teacher: it only learns its rounding)."""
-    return StudentDistiller.load_from_checkpoint(student_checkpoint, map_location="cpu", pretrained="none",
-                                                 pretrained_path=None, teacher_checkpoint=None,
-                                                 lr=float(cfg.qat.lr), pct_start=float(cfg.qat.pct_start))
+    return _finished_module("student", student_checkpoint, lr=float(cfg.qat.lr), pct_start=float(cfg.qat.pct_start))
 
 
 #: stages whose tested weights are a plain checkpoint (student_qat's are a QAT-prepared network and its file)
 RETESTABLE = tuple(stage for stage in DR_STAGES if stage not in DR_FINISHERS)
 
 
-def _finished_module(stage: str, checkpoint: str):
-    """The weights a finished stage was tested with; nothing is downloaded or rebuilt from a teacher."""
+def _finished_module(stage: str, checkpoint: str, **hparams):
+    """The weights a finished stage was tested with (``hparams`` replace saved hyperparameters); nothing is
+    downloaded, and a student is rebuilt without its teacher."""
     if stage == "teacher":
         return TeacherClassifier.load_from_checkpoint(checkpoint, map_location="cpu", pretrained="none",
-                                                      pretrained_path=None)
+                                                      pretrained_path=None, **hparams)
     return StudentDistiller.load_from_checkpoint(checkpoint, map_location="cpu", pretrained="none",
-                                                 pretrained_path=None, teacher_checkpoint=None)
+                                                 pretrained_path=None, teacher_checkpoint=None, **hparams)
 
 
 def _summary(ctx: RunContext, dm: DRDataModule) -> dict[str, float]:
@@ -115,7 +114,7 @@ def run_dr_distill(cfg: DictConfig) -> float | None:
 
 def _run_student_qat(ctx: RunContext, cfg: DictConfig, dm: DRDataModule, run) -> dict:
     module = _student_qat_module(cfg, ctx.state.stages["student"]["checkpoint"])
-    input_names = ("image", "topo") if module.net.uses_topology else ("image",)
+    input_names = network_input_names(module.net)
     qat = instantiate(cfg.qat.callback, output_dir=str(ctx.run_dir / "student_qat"), input_names=input_names)
     # the int8 file is written from the last epoch's weights, so those are tested
     return fit_and_test_stage(ctx, "student_qat", module, dm, run.files, run.tags, extra_callbacks=[qat],

@@ -39,3 +39,12 @@ def runs_by_name(client, experiment_name: str) -> dict[str, list]:
     for run in client.search_runs([experiment.experiment_id]):
         by_name.setdefault(run.info.run_name, []).append(run)
     return by_name
+
+
+def assert_shown_value_is_the_newest(client, run_id: str, metric: str) -> None:
+    """A retested metric was logged twice, and MLflow shows (at the largest step) the value logged last."""
+    history = client.get_metric_history(run_id, metric)
+    assert len(history) >= 2
+    shown = max(history, key=lambda m: (m.step, m.timestamp))
+    assert shown.timestamp == max(m.timestamp for m in history)
+    assert client.get_run(run_id).data.metrics[metric] == shown.value

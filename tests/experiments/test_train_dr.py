@@ -8,7 +8,12 @@ from pathlib import Path
 import pytest
 
 from experiments.train_dr import run_dr_distill
-from tests.experiments.helpers import compose_config, mlflow_store, runs_by_name
+from tests.experiments.helpers import (
+    assert_shown_value_is_the_newest,
+    compose_config,
+    mlflow_store,
+    runs_by_name,
+)
 
 TINY = ["debug=tiny"]
 FAST = ["debug=fast_dev_run"]
@@ -152,7 +157,7 @@ def test_retest_tests_finished_stages_again_without_training_them(project: Path)
         assert (run_dir / stage / "model.pt").is_file()
         # the same weights on the same split: the same test scores, logged a second time in the same run
         assert after["stages"][stage]["test"]["test/qwk"] == pytest.approx(before["stages"][stage]["test"]["test/qwk"])
-        _assert_shown_value_is_the_newest(client, after["child_run_ids"][stage], "model/latency_ms_median")
+        assert_shown_value_is_the_newest(client, after["child_run_ids"][stage], "model/latency_ms_median")
     assert all(len(runs) == 1 for runs in _runs(client).values())
 
     # the run is tested as it was trained: other overrides are refused before anything starts
@@ -171,11 +176,3 @@ def test_retest_needs_the_folder_of_the_run_to_test(project: Path):
     with pytest.raises(ValueError, match="give that run's folder"):
         run_dr_distill(cfg)
 
-
-def _assert_shown_value_is_the_newest(client, run_id: str, metric: str) -> None:
-    """A retested metric was logged twice, and MLflow shows (at the largest step) the value logged last."""
-    history = client.get_metric_history(run_id, metric)
-    assert len(history) >= 2
-    shown = max(history, key=lambda m: (m.step, m.timestamp))
-    assert shown.timestamp == max(m.timestamp for m in history)
-    assert client.get_run(run_id).data.metrics[metric] == shown.value
