@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,9 +14,17 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, DeviceStatsMonitor, LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
+from experiments.distributed import (
+    FAILED,
+    check_accelerator,
+    is_primary_process,
+    leave_process_group,
+    single_device_overrides,
+    wait_for_stage,
+)
 from experiments.stages import run_key_as_overrides, split_run_key
 from experiments.tracking import (
     RunState,
@@ -29,10 +38,20 @@ from experiments.tracking import (
 
 log = logging.getLogger(__name__)
 
+#: how long a follower waits for the primary to test a stage (on one device, with every diagnostics callback);
+#: a primary that fails records it at once, and one that is killed ends its own followers' wait too
+FOLLOWER_TIMEOUT_S = 24 * 3600.0
+#: how often a follower reads run_state.json while it waits
+FOLLOWER_POLL_S = 2.0
+
 
 @dataclass
 class RunContext:
-    """Where this invocation writes, what it has done, and its MLflow runs."""
+    """Where this invocation writes, what it has done, and its MLflow runs.
+
+    Under DDP every process has one: the primary (global rank 0) writes the files and MLflow runs; a follower
+    (``primary=False``) reads the same state, trains with it, writes nothing and has no ``tracker``.
+    """
 
     cfg: DictConfig
     project_root: Path
@@ -40,7 +59,8 @@ class RunContext:
     run_key: str
     overrides: list[str]
     state: RunState
-    tracker: RunTracker
+    tracker: RunTracker | None
+    primary: bool = True
 
     @property
     def resuming(self) -> bool:
@@ -59,6 +79,7 @@ def run_name(task_name: str, override_dirname: str) -> str:
 
 
 def create_context(cfg: DictConfig) -> RunContext:
+    primary = is_primary_process(os.environ)
     project_root = Path(cfg.paths.root_dir).resolve()
     output_dir, override_dirname, overrides = hydra_run_info()
     run_key = override_dirname or "(defaults)"
@@ -78,6 +99,8 @@ def create_context(cfg: DictConfig) -> RunContext:
                 run_dir = found
                 log.info("Resuming the run in %s", run_dir)
     state = RunState.load_or_create(run_dir / "run_state.json", run_key)
+    if not primary:
+        return RunContext(cfg, project_root, run_dir, run_key, overrides, state, tracker=None, primary=False)
     tracking_uri = cfg.logger.tracking_uri or default_tracking_uri(project_root)
     artifact_location = None if cfg.logger.tracking_uri else default_artifact_root(project_root)
     if not cfg.logger.tracking_uri:
@@ -100,14 +123,17 @@ class Invocation:
     datamodule: Any
     files: list[Path]
     tags: dict[str, str]
-    parent_run_id: str
+    parent_run_id: str | None
 
 
 def start_invocation(cfg: DictConfig) -> Invocation:
     """Seed, read and validate the data (before anything trains), then open (or reopen) the parent run.
 
     The datamodule must offer ``prepare_data``, ``setup``, ``split_table()``, ``fingerprint`` and ``is_synthetic``.
+    A trainer that wants GPUs this machine lacks stops everything first. A follower process (DDP rank > 0) reads
+    the same data and writes nothing: its invocation has no files, tags or parent run of its own.
     """
+    check_accelerator(cfg.trainer, torch.cuda.is_available(), torch.cuda.device_count())
     ctx = create_context(cfg)
     L.seed_everything(cfg.seed, workers=True)
     if cfg.threads:
@@ -115,11 +141,15 @@ def start_invocation(cfg: DictConfig) -> Invocation:
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup()  # validates every file and split: bad data stops the run here, with the list of problems
+    if not ctx.primary:
+        return Invocation(ctx, datamodule, [], {}, ctx.state.parent_run_id)
     config_file = save_resolved_config(cfg, ctx.run_dir / "config.yaml")
     split_file = ctx.run_dir / "splits.csv"
     datamodule.split_table().to_csv(split_file, index=False)
     files = [config_file, split_file]
     tags = standard_tags(ctx.project_root, ctx.overrides, datamodule.fingerprint, datamodule.is_synthetic)
+    if cfg.get("optuna_trial") is not None:  # a trial of hparams_search (experiments/sweeps.py)
+        tags["optuna_trial"] = str(cfg.optuna_trial)
     parent = ctx.tracker.start_parent(tags)
     ctx.tracker.log_context(parent, config_params(cfg), files)
     log.info("MLflow run %s (%s) in experiment %s; outputs in %s", ctx.tracker.run_name, parent,
@@ -129,19 +159,36 @@ def start_invocation(cfg: DictConfig) -> Invocation:
 
 @contextmanager
 def finishing(ctx: RunContext) -> Iterator[None]:
-    """Close every MLflow run of the invocation with the right status; a finished body marks the run complete."""
+    """Close every MLflow run of the invocation with the right status; a finished body marks the run complete.
+
+    A failure marks the stages still running as failed in run_state.json, which ends the followers' wait for
+    them. Followers record nothing.
+    """
+    if not ctx.primary:
+        yield
+        return
     status = "FAILED"
     try:
         yield
         ctx.state.complete = True
         ctx.state.save()
         status = "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"
-        log.warning("Interrupted: rerun with resume=true to skip the finished stages and continue the last one")
+    except BaseException as error:
+        if isinstance(error, KeyboardInterrupt):
+            status = "KILLED"
+            log.warning("Interrupted: rerun with resume=true to skip the finished stages and continue the last one")
+        _mark_running_stages_failed(ctx.state, f"{type(error).__name__}: {error}")
         raise
     finally:
         ctx.tracker.finish(status)
+
+
+def _mark_running_stages_failed(state: RunState, error: str) -> None:
+    running = [record for record in state.stages.values() if record.get("status") == "running"]
+    for record in running:
+        record.update(status=FAILED, error=error)
+    if running:
+        state.save()
 
 
 def save_resolved_config(cfg: DictConfig, path: Path) -> Path:
@@ -176,13 +223,27 @@ def build_callbacks(callbacks_cfg: DictConfig, stage_dir: Path,
 
 
 def _stage_trainer(ctx: RunContext, stage: str, tags: dict[str, str], callbacks: list[Callback],
-                   trainer_overrides: dict[str, Any] | None = None) -> tuple[L.Trainer, Any]:
-    """The stage's Trainer, logging to its child run (created once, reused on resume and retest)."""
+                   trainer_overrides: dict[str, Any] | None = None, logger: Any = None) -> tuple[L.Trainer, Any]:
+    """The stage's Trainer, logging to its child run (created once, reused on resume and retest), or to
+    ``logger`` where given."""
     # Lightning's log_model would upload best *and* last checkpoint; only the best one is worth keeping.
-    logger = ctx.tracker.child_logger(stage, tags, log_model=False)
+    if logger is None:
+        logger = ctx.tracker.child_logger(stage, tags, log_model=False)
     trainer = instantiate(ctx.cfg.trainer, callbacks=callbacks, logger=logger,
                           default_root_dir=str(ctx.run_dir / stage), **(trainer_overrides or {}))
     return trainer, logger
+
+
+def _test_trainer(ctx: RunContext, stage: str, tags: dict[str, str], callbacks: list[Callback],
+                  trainer_overrides: dict[str, Any] | None = None, logger: Any = None) -> tuple[L.Trainer, Any]:
+    """The stage's Trainer on one device (see ``single_device_overrides``): every test-only Trainer, and the
+    primary's test after a distributed fit."""
+    overrides = (trainer_overrides or {}) | single_device_overrides(ctx.cfg.trainer)
+    return _stage_trainer(ctx, stage, tags, callbacks, overrides, logger)
+
+
+#: callbacks that only log, and that Lightning refuses on a Trainer without a logger (a follower's)
+LOGGING_ONLY_CALLBACKS = (LearningRateMonitor, DeviceStatsMonitor)
 
 
 def callback_reports(callbacks: list[Callback]) -> dict[str, float]:
@@ -231,9 +292,12 @@ def retest_stage(
     """Test a finished stage's tested weights (already in ``module``) again with today's callbacks, into its own
     child run: what a suite that gained diagnostics or deployment files since the run trained adds to it without
     retraining. Checkpoints and training state stay as they are; the recorded test metrics and report are updated.
+    The primary tests on one device; followers (DDP ranks > 0) return the recorded result as it is.
     """
+    if not ctx.primary:
+        return ctx.state.stages[stage]
     callbacks = build_callbacks(ctx.cfg.callbacks, ctx.run_dir / stage)
-    trainer, logger = _stage_trainer(ctx, stage, extra_tags, callbacks)
+    trainer, logger = _test_trainer(ctx, stage, extra_tags, callbacks)
     # The run logged these hyperparameters when it trained; a module rebuilt from its files differs in paths
     # (e.g. network_path), which MLflow refuses to overwrite. This is what save_hyperparameters(logger=False) sets.
     module._log_hyperparams = False
@@ -262,26 +326,37 @@ def fit_and_test_stage(
     trainer_overrides: dict[str, Any] | None = None,
     test_final_weights: bool = False,
     callback_overrides: dict[str, dict[str, Any]] | None = None,
+    add_outputs: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Fit (resuming from ``last.ckpt`` where one exists), test the best checkpoint (or, with
     ``test_final_weights``, the weights training ended with), record the result.
 
     ``extra_callbacks`` (a stage's own, e.g. pruning or distillation) run after the configured ones, which get
-    ``callback_overrides[<key in the callbacks group>]`` as extra arguments.
+    ``callback_overrides[<key in the callbacks group>]`` as extra arguments. ``add_outputs(result)`` adds what the
+    stage writes from its tested weights (e.g. a network file) to the result before it is recorded as done.
     Returns ``{"checkpoint": path, "test": metrics, "report": every callback's report, "best_val": score}``.
+
+    Under DDP every process fits; the primary (global rank 0) then tests alone, on one device, and records the
+    result, which the followers wait for and return.
     """
     cfg = ctx.cfg
     stage_dir = ctx.run_dir / stage
     callbacks = build_callbacks(cfg.callbacks, stage_dir, callback_overrides) + list(extra_callbacks or [])
-    trainer, logger = _stage_trainer(ctx, stage, extra_tags, callbacks, trainer_overrides)
-    ctx.tracker.log_context(logger.run_id, config_params(cfg) | (extra_params or {}), context_files)
     last = stage_dir / "checkpoints" / "last.ckpt"
     resume_from = str(last) if ctx.resuming and last.is_file() else None
+    if not ctx.primary:
+        return _follow_stage(ctx, stage, module, datamodule, callbacks, trainer_overrides, resume_from)
+    trainer, logger = _stage_trainer(ctx, stage, extra_tags, callbacks, trainer_overrides)
+    ctx.tracker.log_context(logger.run_id, config_params(cfg) | (extra_params or {}), context_files)
     if resume_from:
         log.info("Stage %s: continuing from %s", stage, resume_from)
     ctx.state.stages[stage] = {"status": "running"}
     ctx.state.save()
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+    tester = trainer
+    if trainer.world_size > 1:
+        _end_distributed_fit(trainer)
+        tester, _ = _test_trainer(ctx, stage, extra_tags, callbacks, trainer_overrides, logger)
 
     checkpoint = next((c for c in callbacks if isinstance(c, ModelCheckpoint)), None)
     best = checkpoint.best_model_path if checkpoint is not None else ""
@@ -291,13 +366,39 @@ def fit_and_test_stage(
         # is written from its last epoch must be tested on that epoch's weights: keep the final weights.
         best = str(stage_dir / "checkpoints" / "final.ckpt")
         trainer.save_checkpoint(best)
-        trainer.test(module, datamodule=datamodule)
+        tester.test(module, datamodule=datamodule)
     else:
-        trainer.test(module, datamodule=datamodule, ckpt_path=best)
+        tester.test(module, datamodule=datamodule, ckpt_path=best)
     if cfg.logger.log_model:
         ctx.tracker.client.log_artifact(logger.run_id, best, artifact_path="checkpoint")
     result = {"status": "done", "checkpoint": best, "best_val": best_val,
               "test": dict(module.test_results), "report": callback_reports(callbacks)}
+    if add_outputs is not None:
+        add_outputs(result)
     ctx.state.stages[stage] = result
     ctx.state.save()
+    return result
+
+
+def _end_distributed_fit(trainer: L.Trainer) -> None:
+    """Every process leaves the process group together after a distributed fit (see ``leave_process_group``)."""
+    trainer.strategy.barrier("end of the distributed fit")
+    leave_process_group()
+
+
+def _follow_stage(ctx: RunContext, stage: str, module: L.LightningModule, datamodule: L.LightningDataModule,
+                  callbacks: list[Callback], trainer_overrides: dict[str, Any] | None,
+                  resume_from: str | None) -> dict[str, Any]:
+    """A follower's part of a stage: the same fit with the same callbacks (checkpointing and early stopping
+    decide alike on every process) and no logger; then the primary's recorded result."""
+    callbacks = [callback for callback in callbacks if not isinstance(callback, LOGGING_ONLY_CALLBACKS)]
+    trainer = instantiate(ctx.cfg.trainer, callbacks=callbacks, logger=False,
+                          default_root_dir=str(ctx.run_dir / stage), **(trainer_overrides or {}))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+    _end_distributed_fit(trainer)
+    launcher = os.getppid()
+    log.info("Stage %s trained; waiting for the primary process to test it", stage)
+    result = wait_for_stage(ctx.state.path, stage, FOLLOWER_TIMEOUT_S, FOLLOWER_POLL_S,
+                            launcher_alive=lambda: os.getppid() == launcher)
+    ctx.state.stages[stage] = result
     return result

@@ -4,8 +4,9 @@ Lightning, timm and the datamodules)."""
 
 from __future__ import annotations
 
-#: dr-distill's stages in training order
-DR_STAGES = ("teacher", "student", "student_qat")
+#: dr-distill's stages in training order; ``baseline`` is an architecture baseline (experiment=dr_baselines):
+#: a timm classifier trained alone with the student's data, loss and schedule
+DR_STAGES = ("teacher", "student", "student_qat", "baseline")
 #: dr-distill's finisher: it fine-tunes the finished student into an int8 ONNX model of its own, so it cannot be
 #: tested (or bundled) again from a checkpoint with ``retest=true``
 DR_FINISHERS = ("student_qat",)

@@ -3,6 +3,8 @@
     python -m experiments.train_dr                                   # CPU defaults, synthetic data
     python -m experiments.train_dr data=eyepacs data.root=/data/eyepacs
     python -m experiments.train_dr -m distill.temperature=2,4,8      # a sweep
+    python -m experiments.train_dr experiment=dr_baselines           # timm backbones, one run each (multirun)
+    python -m experiments.train_dr hparams_search=dr_optuna distill.teacher_checkpoint=<run folder or .ckpt>
     python -m experiments.train_dr resume=true                      # continue an interrupted run
     python -m experiments.train_dr retest=true resume=outputs/dr-distill/runs/<time>   # new diagnostics, no training
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.utils import instantiate
@@ -28,6 +31,7 @@ from experiments.runner import (
     start_invocation,
 )
 from experiments.stages import DR_FINISHERS, DR_STAGES
+from experiments.tracking import RunState
 from lightning_modules.classifier import StudentDistiller, TeacherClassifier
 
 log = logging.getLogger(__name__)
@@ -38,12 +42,14 @@ SUMMARY_METRICS = ("test/qwk", "test/acc", "test/f1_macro", "test/f1_weighted")
 def _stage_module(cfg: DictConfig, stage: str, dm: DRDataModule, teacher_checkpoint: str | None):
     if stage == "teacher":
         return instantiate(cfg.model.teacher, class_weights=dm.class_weights)
+    if stage == "baseline":
+        return instantiate(cfg.model.baseline, class_weights=dm.class_weights)
     if stage == "student":
         distill = OmegaConf.to_container(cfg.distill, resolve=True)
         distill.pop("teacher_checkpoint", None)
         return instantiate(cfg.model.student, class_weights=dm.class_weights, topo_features=dm.topology_dim,
                            teacher_checkpoint=teacher_checkpoint, **distill)
-    raise ValueError(f"unknown stage {stage!r}: stages are 'teacher', 'student' and 'student_qat'")
+    raise ValueError(f"unknown stage {stage!r}: stages are {', '.join(map(repr, DR_STAGES))}")
 
 
 def _student_qat_module(cfg: DictConfig, student_checkpoint: str) -> StudentDistiller:
@@ -58,11 +64,32 @@ RETESTABLE = tuple(stage for stage in DR_STAGES if stage not in DR_FINISHERS)
 def _finished_module(stage: str, checkpoint: str, **hparams):
     """The weights a finished stage was tested with (``hparams`` replace saved hyperparameters); nothing is
     downloaded, and a student is rebuilt without its teacher."""
-    if stage == "teacher":
+    if stage in ("teacher", "baseline"):
         return TeacherClassifier.load_from_checkpoint(checkpoint, map_location="cpu", pretrained="none",
                                                       pretrained_path=None, **hparams)
     return StudentDistiller.load_from_checkpoint(checkpoint, map_location="cpu", pretrained="none",
                                                  pretrained_path=None, teacher_checkpoint=None, **hparams)
+
+
+def resolve_teacher_checkpoint(value: str | None) -> str | None:
+    """``distill.teacher_checkpoint``: a TeacherClassifier ``.ckpt``, or the folder of a dr-distill run whose
+    teacher finished (its tested checkpoint is used), so a search over the student reuses one trained teacher."""
+    if value is None:
+        return None
+    path = Path(value)
+    if path.is_file():
+        return str(path)
+    state_file = path / "run_state.json"
+    if not state_file.is_file():
+        raise FileNotFoundError(f"distill.teacher_checkpoint={value}: neither a checkpoint file nor a run folder "
+                                "with run_state.json; give e.g. outputs/dr-distill/runs/<time> or its "
+                                "teacher/checkpoints/<best>.ckpt")
+    teacher = RunState.load_or_create(state_file, "").stages.get("teacher", {})
+    if teacher.get("status") != "done" or not Path(teacher.get("checkpoint", "")).is_file():
+        raise FileNotFoundError(f"distill.teacher_checkpoint={value}: that run has no finished teacher stage "
+                                f"(status {teacher.get('status', 'none')!r}); finish it with resume={value}")
+    log.info("Teacher checkpoint of run %s: %s", value, teacher["checkpoint"])
+    return str(teacher["checkpoint"])
 
 
 def _summary(ctx: RunContext, dm: DRDataModule) -> dict[str, float]:
@@ -80,10 +107,16 @@ def _summary(ctx: RunContext, dm: DRDataModule) -> dict[str, float]:
 def run_dr_distill(cfg: DictConfig) -> float | None:
     """Run the configured stages; returns the last stage's best validation QWK (for sweepers)."""
     stages = list(cfg.stages)
-    teacher_checkpoint = cfg.distill.teacher_checkpoint
+    teacher_checkpoint = resolve_teacher_checkpoint(cfg.distill.teacher_checkpoint)
     if "student" in stages and "teacher" not in stages and teacher_checkpoint is None and cfg.distill.alpha_end > 0:
         raise ValueError("stages=[student] with distillation needs distill.teacher_checkpoint=<teacher .ckpt>; "
                          "or use distill=none (experiment=dr_student_only) to train the student alone")
+    unknown = [stage for stage in stages if stage not in DR_STAGES]
+    if unknown:
+        raise ValueError(f"stages={stages}: unknown stage(s) {unknown}; choose from {list(DR_STAGES)}")
+    if "baseline" in stages and cfg.model.get("baseline") is None:
+        raise ValueError("stage 'baseline' trains model.baseline: choose one, e.g. model/baseline=resnet50 "
+                         "(or experiment=dr_baselines for the whole comparison)")
     check_retest(cfg, stages)
     if "student_qat" in stages and ("student" not in stages or stages.index("student") > stages.index("student_qat")):
         raise ValueError("stage student_qat fine-tunes the trained student: list it after 'student' in stages, "
@@ -106,9 +139,10 @@ def run_dr_distill(cfg: DictConfig) -> float | None:
                 result = fit_and_test_stage(ctx, stage, module, dm, run.files, run.tags)
             if stage == "teacher":
                 teacher_checkpoint = result["checkpoint"]
-        summary = _summary(ctx, dm)
-        ctx.tracker.log_metrics(run.parent_run_id, summary)
-        _print_summary(summary)
+        if ctx.primary:  # DDP followers trained the same stages; the primary alone records and reports them
+            summary = _summary(ctx, dm)
+            ctx.tracker.log_metrics(run.parent_run_id, summary)
+            _print_summary(summary)
     return None if result is None else result.get("best_val")
 
 

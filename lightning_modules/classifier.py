@@ -7,6 +7,7 @@ classes only wire them to Lightning: optimiser, schedule, metrics and logging.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,6 +34,14 @@ def reset_classifier_small(head: nn.Module) -> None:
     if isinstance(head, nn.Linear):
         nn.init.trunc_normal_(head.weight, std=0.01)
         nn.init.zeros_(head.bias)
+
+
+def with_rotated_view(image: Tensor, channels_last: bool) -> Tensor:
+    """``image`` and its 90-degree rotation stacked along the batch: both views of the consistency loss in one
+    forward pass (one backbone call instead of two on a 2-core CPU)."""
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    rotated = torch.rot90(image, k=1, dims=(2, 3)).contiguous(memory_format=memory_format)
+    return torch.cat([image, rotated])
 
 
 class GradingModule(LightningModule):
@@ -119,7 +128,12 @@ class GradingModule(LightningModule):
 
 
 class TeacherClassifier(GradingModule):
-    """A timm backbone trained with label-smoothed, class-weighted cross-entropy."""
+    """A timm backbone trained with label-smoothed, class-weighted cross-entropy.
+
+    Also the architecture baselines of ``experiment=dr_baselines``: any timm classifier (``backbone_kwargs``
+    reach ``timm.create_model``, e.g. ``{"kernel_sizes": 5}`` for ConvNeXt's depthwise kernels), trained with the
+    student's loss when ``label_smoothing=0`` and ``consistency_weight`` is the student's rotation-consistency weight.
+    """
 
     def __init__(
         self,
@@ -134,15 +148,20 @@ class TeacherClassifier(GradingModule):
         weight_decay: float = 0.01,
         pct_start: float = 0.3,
         channels_last: bool = True,
+        backbone_kwargs: dict[str, Any] | None = None,
+        consistency_weight: float = 0.0,
+        role: str = "Teacher",
     ):
         super().__init__(num_classes, lr, weight_decay, pct_start, class_weights, channels_last)
         self.save_hyperparameters()
         self.net = create_backbone(backbone, pretrained=pretrained, pretrained_path=pretrained_path,
-                                   num_classes=num_classes, drop_rate=drop_rate)
+                                   num_classes=num_classes, drop_rate=drop_rate, **(backbone_kwargs or {}))
         if pretrained != "none" or pretrained_path:
             reset_classifier_small(self.net.get_classifier())
-        log.info("Teacher %s: %s", backbone, getattr(self.net, "pretrained_report", f"pretrained={pretrained}"))
+        log.info("%s %s%s: %s", role, backbone, f" {backbone_kwargs}" if backbone_kwargs else "",
+                 getattr(self.net, "pretrained_report", f"pretrained={pretrained}"))
         self.label_smoothing = label_smoothing
+        self.consistency_weight = consistency_weight
 
     def forward(self, image: Tensor) -> Tensor:
         return self.net(image)
@@ -154,9 +173,17 @@ class TeacherClassifier(GradingModule):
         return (batch["image"][:1],)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        loss = F.cross_entropy(self.logits(batch), batch["label"], weight=self.class_weights,
-                               label_smoothing=self.label_smoothing)
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["label"]))
+        target = batch["label"]
+        if self.consistency_weight > 0:
+            logits, logits_rotated = self.net(with_rotated_view(batch["image"], self.channels_last)).chunk(2)
+        else:
+            logits = self.logits(batch)
+        loss = F.cross_entropy(logits, target, weight=self.class_weights, label_smoothing=self.label_smoothing)
+        if self.consistency_weight > 0:
+            consistency = consistency_loss(logits, logits_rotated)
+            self.log_dict({"train/ce": loss, "train/consistency": consistency}, batch_size=len(target))
+            loss = loss + self.consistency_weight * consistency
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(target))
         return loss
 
 
@@ -253,9 +280,8 @@ class StudentDistiller(GradingModule):
         image, topo, target = batch["image"], batch["topo"], batch["label"]
         # Both views in one forward pass: one backbone call instead of two on a 2-core CPU.
         # Persistent homology is invariant to 90-degree rotation, so the rotated view keeps its features.
-        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
-        rotated = torch.rot90(image, k=1, dims=(2, 3)).contiguous(memory_format=memory_format)
-        both = self.net(torch.cat([image, rotated]), torch.cat([topo, topo]) if self.net.uses_topology else None)
+        both = self.net(with_rotated_view(image, self.channels_last),
+                        torch.cat([topo, topo]) if self.net.uses_topology else None)
         logits, logits_rotated = both.chunk(2)
         alpha = self.alpha
         if self.teacher is not None:

@@ -11,8 +11,9 @@ from omegaconf import DictConfig, open_dict
 CONF_DIR = Path(__file__).resolve().parents[2] / "experiments" / "conf"
 
 
-def compose_config(config_name: str, overrides: list[str], output_dir: Path) -> DictConfig:
-    """The composed config with Hydra's runtime fields filled in as a real run would have them."""
+def compose_config(config_name: str, overrides: list[str], output_dir: Path, keep_hydra: bool = False) -> DictConfig:
+    """The composed config with Hydra's runtime fields filled in as a real run would have them (``keep_hydra``:
+    with its ``hydra`` node, to check sweeper and launcher settings)."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
     with open_dict(cfg):
@@ -20,6 +21,8 @@ def compose_config(config_name: str, overrides: list[str], output_dir: Path) -> 
         cfg.hydra.job.override_dirname = ",".join(o for o in overrides if not o.startswith(("resume=", "retest=")))
         cfg.hydra.overrides.task = list(overrides)
     HydraConfig().set_config(cfg)
+    if keep_hydra:
+        return cfg
     with open_dict(cfg):
         del cfg["hydra"]  # @hydra.main hands the job a config without its hydra node
     return cfg

@@ -1,13 +1,14 @@
 from pathlib import Path
 
 import pytest
+import torch
 from hydra.utils import instantiate
 
 from tests.experiments.helpers import CONF_DIR, compose_config
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 DR_EXPERIMENTS = [e for e in EXPERIMENTS if e.startswith("dr_")]
-GLAUCOMA_EXPERIMENTS = [e for e in EXPERIMENTS if e.startswith("glaucoma_")]
+GLAUCOMA_EXPERIMENTS = [e for e in EXPERIMENTS if e.startswith(("glaucoma_", "disc_"))]
 DEBUGS = sorted(p.stem for p in (CONF_DIR / "debug").glob("*.yaml") if p.stem != "none")
 
 
@@ -26,6 +27,43 @@ def test_every_experiment_composes_and_its_data_and_models_instantiate(experimen
     student = instantiate(cfg.model.student, pretrained="none", topo_features=8, teacher_checkpoint=None)
     assert teacher.hparams.backbone == cfg.model.teacher.backbone
     assert student.net.uses_topology
+    if "baseline" in cfg.stages:
+        baseline = instantiate(cfg.model.baseline)
+        assert baseline.hparams.backbone == cfg.model.baseline.backbone
+
+
+BASELINES = sorted(p.stem for p in (CONF_DIR / "model" / "baseline").glob("*.yaml"))
+
+
+def test_the_baseline_sweep_covers_every_backbone_of_the_study(tmp_path: Path):
+    cfg = compose_config("train_dr", ["experiment=dr_baselines"], tmp_path, keep_hydra=True)
+    assert cfg.hydra.mode.name == "MULTIRUN" and list(cfg.stages) == ["baseline"] and cfg.task_name == "dr-baselines"
+    swept = cfg.hydra.sweeper.params["model/baseline"].split(",")
+    assert swept == ["efficientnet_b0", "resnet50", "resnext50_32x4d", "convnext_k3", "convnext_k5", "convnext_k7",
+                     "convnext_k9"]
+    assert set(swept) <= set(BASELINES)
+
+
+@pytest.mark.parametrize("baseline", BASELINES)
+def test_every_baseline_builds_its_timm_backbone_with_the_students_loss(baseline, tmp_path: Path):
+    cfg = compose_config("train_dr", ["experiment=dr_baselines", f"model/baseline={baseline}"], tmp_path)
+    module = instantiate(cfg.model.baseline, class_weights=[1.0] * 5)
+    assert module.hparams.backbone == cfg.model.baseline.backbone
+    assert module.net.num_classes == 5 and module.hparams.pretrained == "none"
+    # the student's loss and schedule: its consistency weight, no label smoothing, the shared optimiser settings
+    assert module.consistency_weight == cfg.distill.consistency_weight > 0 and module.label_smoothing == 0.0
+    assert (module.lr, module.weight_decay) == (cfg.optim.lr, cfg.optim.weight_decay)
+
+
+@pytest.mark.parametrize("kernel", [3, 5, 9])
+def test_the_convnext_kernel_override_reaches_every_depthwise_convolution(kernel, tmp_path: Path):
+    cfg = compose_config("train_dr", ["experiment=dr_baselines", "model/baseline=convnext",
+                                      f"model.baseline.backbone_kwargs.kernel_sizes={kernel}"], tmp_path)
+    net = instantiate(cfg.model.baseline).net
+    depthwise = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d) and m.groups == m.in_channels > 1]
+    assert len(depthwise) == sum(len(stage.blocks) for stage in net.stages) == 18  # ConvNeXt-T: 3+3+9+3 blocks
+    assert {m.kernel_size for m in depthwise} == {(kernel, kernel)}
+    assert {m.padding for m in depthwise} == {(kernel // 2, kernel // 2)}
 
 
 def test_paper_experiment_holds_the_study_settings(tmp_path: Path):
