@@ -132,12 +132,12 @@ def test_an_artifact_is_uploaded_to_and_downloaded_from_the_server(smoke_run: st
 
 
 def test_the_runs_live_in_postgresql(smoke_run: str, server):
-    import psycopg2
+    import psycopg
 
     settings, state = server
     _, _, runs = _runs(smoke_run)
-    connection = psycopg2.connect(host="127.0.0.1", port=state.postgres_port, dbname=DATABASE, user=ROLE,
-                                  passfile=str(settings.passfile))
+    connection = psycopg.connect(host="127.0.0.1", port=state.postgres_port, dbname=DATABASE, user=ROLE,
+                                 passfile=str(settings.passfile))
     try:
         with connection.cursor() as cursor:
             cursor.execute("SELECT r.run_uuid FROM runs r JOIN experiments e "
