@@ -109,7 +109,8 @@ class QuantizationAwareTraining(Callback):
                  type(original).__name__)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.fp32_net is None:
+        # under DDP only rank 0 writes the file (and tests the stage); the other processes drop their copy
+        if self.fp32_net is None or not trainer.is_global_zero:
             return
         self.int8_path = None
         net = pl_module.net

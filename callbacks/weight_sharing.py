@@ -127,6 +127,8 @@ class WeightSharing(Callback):
             log.info("Reclustered the shared weights before epoch %d: %d weights changed cluster", epoch, moved)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.is_global_zero:  # under DDP only rank 0 writes the file (and tests the stage)
+            return
         net = pl_module.net
         architecture = self.architecture or network_architecture(pl_module)
         folder = Path(self.output_dir or trainer.default_root_dir)

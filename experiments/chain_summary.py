@@ -8,6 +8,11 @@ ending in a packed weight file), each a fine-tune of a copy of its source stage'
 pruning/distillation study plus Dice, IoU, false detections and edge-case detection, and names the
 *liminal point*: the smallest base that keeps Dice within a tolerance of iteration 1's and still detects
 the edge cases.
+
+*Comparison* stages (``chain.compare``, arm ``compare``, named ``compare-<name>``) train another segmenter
+(``model.compare.<name>``, e.g. the transformer of ``experiment=disc_transformer``) on the same data, split
+and metrics. They are rows of the summary (size, latency, ``latency_vs_base``) but no compression
+step: they have no base, are never a liminal point, and are neither pruned nor finished.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ import pandas as pd
 ARMS = ("prune", "kd")
 FINISHERS = ("qat", "share")
 BASE_ARM = "base"
+#: the arm of a comparison stage (``chain.compare``): another architecture, not a compression step
+COMPARE_ARM = "compare"
 #: ``chain.finish_after`` value that finishes every stage of the chain
 ALL_STAGES = "all"
 #: relative Dice tolerance of the liminal point: conf/chain/default.yaml's ``chain.liminal_tolerance``, and the
@@ -30,23 +37,31 @@ DEFAULT_LIMINAL_TOLERANCE = 0.05
 
 @dataclass(frozen=True)
 class ChainStage:
-    """One (arm, base) of the chain; ``source`` is the stage whose network it starts from or learns from."""
+    """One (arm, base) of the chain; ``source`` is the stage whose network it starts from or learns from.
+
+    A comparison stage has no base (None) and names its segmenter config instead: ``model`` is its
+    ``model.compare`` key.
+    """
 
     arm: str
-    base: int
+    base: int | None
     source: str | None = None
     prune_ratio: float | None = None
+    model: str | None = None
 
     @property
     def name(self) -> str:
+        if self.arm == COMPARE_ARM:
+            return f"{COMPARE_ARM}-{self.model}"
         # a finisher's base is its source's, so its source names it (qat-prune-16 vs qat-kd-16)
         return f"{self.arm}-{self.source}" if self.arm in FINISHERS else f"{self.arm}-{self.base}"
 
 
 def plan_chain(bases: list[int], arms: list[str], finishers: list[str] = (),
-               finish_after: list[str] = ()) -> list[ChainStage]:
+               finish_after: list[str] = (), compare: list[str] = ()) -> list[ChainStage]:
     """Iteration 1 at ``bases[0]``, then each arm over ``bases[1:]`` (the prune arm in order, each from the last),
-    then each finisher for each stage named in ``finish_after`` (``["all"]``: every stage).
+    then a comparison stage per ``compare`` name (``compare-<name>``, in order), then each finisher for each
+    stage named in ``finish_after`` (``["all"]``: every compression stage; comparisons are not finished).
 
     The prune ratio of each step is ``1 - base / previous base`` (0.5 for 64 -> 32), so a pruned network
     ends with exactly the widths of a fresh network of its base.
@@ -69,10 +84,23 @@ def plan_chain(bases: list[int], arms: list[str], finishers: list[str] = (),
             previous = stage
     if "kd" in arms:
         stages += [ChainStage("kd", base, source=first.name) for base in bases[1:]]
-    return stages + _plan_finishers(stages, list(finishers), list(finish_after))
+    comparisons = _plan_comparisons(list(compare))
+    return stages + comparisons + _plan_finishers(stages, list(finishers), list(finish_after), comparisons)
 
 
-def _plan_finishers(stages: list[ChainStage], finishers: list[str], finish_after: list[str]) -> list[ChainStage]:
+def _plan_comparisons(names: list[str]) -> list[ChainStage]:
+    bad = [name for name in names if not isinstance(name, str) or not name or "/" in name]
+    if bad:
+        raise ValueError(f"chain.compare={names}: give the names of model.compare entries (e.g. "
+                         f"[transformer]), not {bad}")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"chain.compare={names} names {repeated} more than once: each comparison runs once")
+    return [ChainStage(COMPARE_ARM, None, model=name) for name in names]
+
+
+def _plan_finishers(stages: list[ChainStage], finishers: list[str], finish_after: list[str],
+                    comparisons: list[ChainStage] = ()) -> list[ChainStage]:
     unknown = sorted(set(finishers) - set(FINISHERS))
     if unknown:
         raise ValueError(f"chain.finishers has unknown finisher(s) {unknown}: choose from {list(FINISHERS)}")
@@ -82,6 +110,11 @@ def _plan_finishers(stages: list[ChainStage], finishers: list[str], finish_after
                              "them, e.g. chain.finishers=[qat,share]")
         return []
     by_name = {stage.name: stage for stage in stages}
+    compared = sorted({stage.name for stage in comparisons} & set(finish_after))
+    if compared:
+        raise ValueError(f"chain.finish_after names the comparison stage(s) {compared}: the qat / share "
+                         "finishers compress the chain's VGG-style networks only; drop them from "
+                         "chain.finish_after (its [all] leaves comparison stages out)")
     names = list(by_name) if ALL_STAGES in finish_after else list(finish_after)
     if not names:
         raise ValueError(f"chain.finishers={finishers} needs chain.finish_after: the stages to finish, e.g. "
@@ -118,7 +151,8 @@ def summary_table(stages: list[ChainStage], results: dict[str, dict[str, Any]]) 
 
     Cumulative time counts what it took to obtain the network: for the prune arm, iteration 1 and
     every earlier prune; for a distilled network, iteration 1 (its teacher) and its own training; for a
-    finisher, its source's cumulative time and its own fine-tuning.
+    finisher, its source's cumulative time and its own fine-tuning; for a comparison, its own training.
+    ``base`` is a nullable integer column: a comparison stage has none (<NA>, an empty cell in the CSV).
     """
     rows = []
     cumulative: dict[str, float] = {}
@@ -136,6 +170,7 @@ def summary_table(stages: list[ChainStage], results: dict[str, dict[str, Any]]) 
         rows.append(row)
     columns = ["stage", "arm", "base", *SUMMARY_COLUMNS, "cumulative_train_time_s"]
     table = pd.DataFrame(rows, columns=columns)
+    table["base"] = table["base"].astype("Int64")
     reference = table[table["arm"] == BASE_ARM]
     if not reference.empty:
         ref_latency = float(reference["latency_ms"].iloc[0])
@@ -147,7 +182,9 @@ def liminal_points(table: pd.DataFrame, tolerance: float = DEFAULT_LIMINAL_TOLER
                    ) -> dict[str, dict[str, Any] | None]:
     """Per arm (and ``"any"``), the smallest base whose Dice is within ``tolerance`` (relative) of iteration 1's
     and whose edge-case detection is too (when edge cases were measured); None where no base qualifies.
+    Comparison stages are no candidates: they are another architecture, not a compression of iteration 1.
     """
+    table = table[table["arm"] != COMPARE_ARM]
     reference = table[table["arm"] == BASE_ARM]
     if reference.empty:
         return {}
@@ -193,4 +230,24 @@ def describe_liminal(points: dict[str, dict[str, Any] | None], tolerance: float)
             lines.append(f"- {arm}: {point['stage']} (Dice {point['dice']:.4f}, edge-case detection "
                          f"{point['edge_case_detection']:.3f}, {point['latency_ms']:.2f} ms, "
                          f"{point['size_bytes'] / 1e6:.2f} MB)")
+    return "\n".join(lines)
+
+
+def describe_comparisons(table: pd.DataFrame) -> str:
+    """Markdown lines for the comparison stages of a summary table (empty without any): each one's Dice,
+    latency, size and parameters, beside iteration 1's."""
+    rows = table[table["arm"] == COMPARE_ARM]
+    if rows.empty:
+        return ""
+    reference = table[table["arm"] == BASE_ARM]
+    lines = ["Comparison stages (another architecture on the same data and split; not compression steps, so "
+             "never a liminal point):"]
+    for row in rows.itertuples():
+        line = (f"- {row.stage}: Dice {row.dice:.4f}, {row.latency_ms:.2f} ms, "
+                f"{row.size_bytes / 1e6:.2f} MB, {row.params:,.0f} parameters")
+        if not reference.empty:
+            ref = reference.iloc[0]
+            line += (f" (iteration 1, {ref['stage']}: Dice {ref['dice']:.4f}, {ref['latency_ms']:.2f} ms, "
+                     f"{ref['size_bytes'] / 1e6:.2f} MB, {ref['params']:,.0f} parameters)")
+        lines.append(line)
     return "\n".join(lines)

@@ -6,14 +6,17 @@
     python -m experiments.glaucoma_chain resume=true                        # continue an interrupted chain
     python -m experiments.glaucoma_chain retest=true resume=outputs/glaucoma-iterations/runs/<time>  # no training
     python -m experiments.glaucoma_chain chain.finishers=[qat,share] chain.finish_after=[prune-16]
+    python -m experiments.glaucoma_chain experiment=disc_transformer        # base-64 against a transformer
 
 Iteration 1 trains the first base until its validation Dice is sufficient; the prune arm then prunes
 the previous network by 50% and fine-tunes it, base after base; the distillation arm trains fresh
 networks of the smaller bases from iteration 1's soft masks. Finishers (``chain.finishers``) then fine-tune
 copies of chosen stages with int8 quantization-aware training (an int8 ONNX model) or k-means weight sharing
 (a packed weight file); their ``model/size_bytes`` is that deployable file's size, and a QAT stage's
-``model/latency_ms_*`` is its int8 model's in ONNX Runtime. Each stage is a child MLflow run of one parent
-run; the parent gets the summary table and the liminal point.
+``model/latency_ms_*`` is its int8 model's in ONNX Runtime. Comparison stages (``chain.compare``: names of
+``model.compare`` entries, each a segmenter config) train another architecture on the same data, split and
+metrics after the arms, e.g. the transformer of ``experiment=disc_transformer``. Each stage is a child MLflow
+run of one parent run; the parent gets the summary table and the liminal point.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import pandas as pd
 from hydra.utils import instantiate
 from lightning import Callback
 from omegaconf import DictConfig
@@ -34,8 +38,10 @@ from datamodules.errors import DataValidationError
 from datamodules.optic_disc import DiscDataModule
 from experiments.chain_summary import (
     BASE_ARM,
+    COMPARE_ARM,
     FINISHERS,
     ChainStage,
+    describe_comparisons,
     describe_liminal,
     liminal_points,
     plan_chain,
@@ -49,7 +55,7 @@ from experiments.runner import (
     retest_stage,
     start_invocation,
 )
-from lightning_modules.nets.vgg_unet import save_network
+from lightning_modules.nets.networks import VGG_UNET, save_network
 from lightning_modules.segmenter import DiscSegmenter
 
 log = logging.getLogger(__name__)
@@ -69,9 +75,46 @@ def _kd_arguments(cfg: DictConfig) -> dict[str, float]:
     return {"kd_alpha": cfg.chain.kd.alpha, "kd_temperature": cfg.chain.kd.temperature}
 
 
+def _compared_models(cfg: DictConfig) -> dict[str, DictConfig]:
+    """``model.compare`` (name -> segmenter config); the chain's own configs have none unless an experiment
+    adds it (``- /model/segmenter@model.compare.<name>: <config>`` in its defaults)."""
+    return dict(cfg.model.get("compare") or {})
+
+
+def _check_models(cfg: DictConfig, names: list[str]) -> None:
+    """Before anything starts: the chain compresses a VGGUNet (pruning and the finishers know no other), and
+    every ``chain.compare`` name has its segmenter config in ``model.compare``."""
+    architecture = cfg.model.segmenter.get("architecture", VGG_UNET)
+    if architecture != VGG_UNET:
+        raise ValueError(f"model.segmenter.architecture={architecture}: the chain's bases, arms and "
+                         f"finishers compress the VGG16-style network ({VGG_UNET}); train another architecture "
+                         "beside it as a comparison stage instead, e.g. experiment=disc_transformer")
+    known = _compared_models(cfg)
+    missing = [name for name in names if name not in known]
+    if missing:
+        raise ValueError(
+            f"chain.compare names {missing}, but model.compare has {sorted(known) or 'no entries'}: add each "
+            "one's segmenter config to the experiment's defaults (`- /model/segmenter@model.compare.<name>: "
+            "<config>`, see experiment=disc_transformer), or on the command line "
+            "`+model/segmenter@model.compare.transformer=transformer`")
+
+
+def _segmenter_config(cfg: DictConfig, stage: ChainStage) -> DictConfig:
+    """The stage's segmenter config: its ``model.compare`` entry for a comparison, else model.segmenter."""
+    return _compared_models(cfg)[stage.model] if stage.arm == COMPARE_ARM else cfg.model.segmenter
+
+
+def _stage_tags(stage: ChainStage) -> dict[str, str]:
+    # a comparison has no VGG base: "-", which make report reads as none (not a digit)
+    return {"arm": stage.arm, "base": "-" if stage.base is None else str(stage.base)}
+
+
 def _stage_module(cfg: DictConfig, stage: ChainStage, results: dict[str, dict[str, Any]]) -> DiscSegmenter:
     chain = cfg.chain
     kd = _kd_arguments(cfg)
+    if stage.arm == COMPARE_ARM:
+        # another architecture, built as its config says (fresh, or from its own pretrained encoder)
+        return instantiate(_segmenter_config(cfg, stage), **kd)
     if stage.arm == BASE_ARM:
         return instantiate(cfg.model.segmenter, base=stage.base, **kd)
     if stage.arm == "prune":
@@ -110,18 +153,22 @@ def _trainer_overrides(cfg: DictConfig, stage: ChainStage) -> dict[str, Any]:
     return {} if epochs is None else {"max_epochs": int(epochs)}
 
 
-def _restore_hard_cases(dm: DiscDataModule, first: ChainStage, results: dict[str, dict[str, Any]]) -> None:
+def _restore_hard_cases(ctx: RunContext, dm: DiscDataModule, first: ChainStage,
+                        results: dict[str, dict[str, Any]]) -> None:
     """Data without its own hard-case set gets iteration 1's replay buffer as one (see HardExampleReplay);
-    every later stage, also after a resume, is measured on that same set."""
+    every later stage, also after a resume, is measured on that same set. Under DDP the other processes take
+    rank 0's set (their own buffers saw other shards of the data)."""
     ids = results.get(first.name, {}).get("hard_cases")
-    if ids and not dm.has_hard_cases:
+    if ids and (not ctx.primary or not dm.has_hard_cases):
         dm.set_hard_cases(ids, source=f"the hard-example replay buffer of {first.name}")
 
 
 def run_glaucoma_chain(cfg: DictConfig) -> float | None:
     """Run (or resume) the chain; returns the last stage's best validation Dice (for sweepers)."""
+    compare = list(cfg.chain.get("compare") or [])
     stages = plan_chain(list(cfg.chain.bases), list(cfg.chain.arms), list(cfg.chain.get("finishers") or []),
-                        list(cfg.chain.get("finish_after") or []))
+                        list(cfg.chain.get("finish_after") or []), compare)
+    _check_models(cfg, compare)
     check_retest(cfg, [stage.name for stage in stages])
     run = start_invocation(cfg)
     ctx, dm = run.ctx, run.datamodule
@@ -130,7 +177,7 @@ def run_glaucoma_chain(cfg: DictConfig) -> float | None:
     best_val = None
     with finishing(ctx):
         for stage in stages:
-            _restore_hard_cases(dm, stages[0], results)
+            _restore_hard_cases(ctx, dm, stages[0], results)
             if ctx.state.stage_done(stage.name) and cfg.retest and stage.arm not in FINISHERS:
                 _retest_stage(ctx, cfg, stage, dm, run.tags)
             elif ctx.state.stage_done(stage.name):
@@ -138,7 +185,8 @@ def run_glaucoma_chain(cfg: DictConfig) -> float | None:
             else:
                 _run_stage(ctx, cfg, stage, dm, run.files, run.tags)
             best_val = results[stage.name].get("best_val")
-        _log_summary(ctx, run.parent_run_id, summary_table(stages, results), float(cfg.chain.liminal_tolerance))
+        if ctx.primary:  # under DDP rank 0 alone writes the summary and talks to MLflow
+            _log_summary(ctx, run.parent_run_id, summary_table(stages, results), float(cfg.chain.liminal_tolerance))
     return best_val
 
 
@@ -146,26 +194,28 @@ def _run_stage(ctx: RunContext, cfg: DictConfig, stage: ChainStage, dm: DiscData
                tags: dict[str, str]) -> dict[str, Any]:
     results = ctx.state.stages
     module = _stage_module(cfg, stage, results)
-    stage_tags = tags | {"arm": stage.arm, "base": str(stage.base)}
-    params = {"stage.arm": stage.arm, "stage.base": str(stage.base), "stage.source": stage.source or "(none)"}
+    stage_tags = tags | _stage_tags(stage)
+    params = {"stage.arm": stage.arm, "stage.base": _stage_tags(stage)["base"],
+              "stage.source": stage.source or "(none)"}
     own_callbacks = _stage_callbacks(cfg, stage, results, ctx.run_dir / stage.name)
+    def add_network(result: dict[str, Any]) -> None:
+        # The tested (best) network, saved whole with its widths: the next iteration starts from it, the
+        # distillation arm learns from it, and it reloads without the checkpoint's training state. Written before
+        # the stage is recorded done, and under DDP by rank 0 alone (the others take the path from its record).
+        network = ctx.run_dir / stage.name / NETWORK_FILE
+        save_network(module.net.cpu(), network)
+        result["network"] = str(network)
+        if stage.arm == BASE_ARM:
+            result["hard_cases"] = list(dm.hard_case_ids)
+
     # A finisher's file is written from its last epoch's weights, so those are the ones tested (its best
     # checkpoint may be an earlier epoch, and a QAT checkpoint only loads into a QAT-prepared network).
-    result = fit_and_test_stage(ctx, stage.name, module, dm, files, stage_tags,
-                                extra_callbacks=own_callbacks, extra_params=params,
-                                trainer_overrides=_trainer_overrides(cfg, stage),
-                                test_final_weights=stage.arm in FINISHERS,
-                                callback_overrides=_FINISHER_OVERRIDES if stage.arm in FINISHERS else None)
-    # The tested (best) network, saved whole with its widths: the next iteration starts from it,
-    # the distillation arm learns from it, and it reloads without the checkpoint's training state.
-    network = ctx.run_dir / stage.name / NETWORK_FILE
-    save_network(module.net.cpu(), network)
-    result["network"] = str(network)
-    if stage.arm == BASE_ARM:
-        result["hard_cases"] = list(dm.hard_case_ids)
-    results[stage.name] = result
-    ctx.state.save()
-    return result
+    return fit_and_test_stage(ctx, stage.name, module, dm, files, stage_tags,
+                              extra_callbacks=own_callbacks, extra_params=params,
+                              trainer_overrides=_trainer_overrides(cfg, stage),
+                              test_final_weights=stage.arm in FINISHERS,
+                              callback_overrides=_FINISHER_OVERRIDES if stage.arm in FINISHERS else None,
+                              add_outputs=add_network)
 
 
 def _retest_stage(ctx: RunContext, cfg: DictConfig, stage: ChainStage, dm: DiscDataModule,
@@ -173,14 +223,20 @@ def _retest_stage(ctx: RunContext, cfg: DictConfig, stage: ChainStage, dm: DiscD
     """The finished stage's tested network (its ``network.pt``) tested again with today's callbacks. Finishers
     are skipped by the caller: what they deploy is their int8 / packed file, not a network to test again."""
     network = ctx.state.stages[stage.name]["network"]
-    module = instantiate(cfg.model.segmenter, network_path=network, vgg16_weights=None, **_kd_arguments(cfg))
-    return retest_stage(ctx, stage.name, module, dm, tags | {"arm": stage.arm, "base": str(stage.base)})
+    module = instantiate(_segmenter_config(cfg, stage), network_path=network, vgg16_weights=None,
+                         encoder_weights=None, **_kd_arguments(cfg))
+    return retest_stage(ctx, stage.name, module, dm, tags | _stage_tags(stage))
 
 
 def _log_summary(ctx: RunContext, parent: str, table, tolerance: float) -> None:
     points = liminal_points(table, tolerance)
-    shown = table.assign(size_MB=table["size_bytes"] / 1e6).drop(columns=["size_bytes"])
-    markdown = shown.to_markdown(index=False, floatfmt=".4g") + "\n\n" + describe_liminal(points, tolerance) + "\n"
+    # a comparison stage has no base: "-" rather than pandas' <NA>
+    shown = table.assign(size_MB=table["size_bytes"] / 1e6,
+                         base=[("-" if pd.isna(base) else int(base)) for base in table["base"]])
+    shown = shown.drop(columns=["size_bytes"])
+    notes = [describe_liminal(points, tolerance), describe_comparisons(table)]
+    markdown = (shown.to_markdown(index=False, floatfmt=".4g") + "\n\n"
+                + "\n\n".join(note for note in notes if note) + "\n")
     csv_path, md_path = ctx.run_dir / "summary.csv", ctx.run_dir / "summary.md"
     table.to_csv(csv_path, index=False)
     md_path.write_text(markdown)

@@ -315,7 +315,9 @@ DR_TEXT = ("One row per stage run. precision: fp32 networks run by PyTorch; int8
            "decoding to grade (preprocessing and topological features included).")
 GLAUCOMA_TEXT = ("One row per chain stage run: base-N the first network, prune-N pruned from the previous "
                  "base, kd-N distilled from the first, qat-* int8 quantization-aware fine-tunes (ONNX "
-                 "Runtime latency), share-* k-means weight-shared fine-tunes (packed file size). Cumulative "
+                 "Runtime latency), share-* k-means weight-shared fine-tunes (packed file size), compare-* "
+                 "another architecture trained on the same data and split for comparison (e.g. the transformer "
+                 "of experiment=disc_transformer; no base, never a liminal point). Cumulative "
                  "train time: what it took to obtain the network (the chain's summary.csv).")
 LIMINAL_TEXT = ("The smallest base whose test Dice stays within {tolerance:.0%} of the first network's and "
                 "that still detects the edge cases (chain.liminal_tolerance), per arm and over all arms "

@@ -1,9 +1,9 @@
-"""Optic-disc segmentation LightningModule: the VGG16-style U-Net, BCE + Dice, and the disc metrics.
+"""Optic-disc segmentation LightningModule: the VGG16-style U-Net (or a transformer), BCE + Dice, the metrics.
 
-The network (``lightning_modules.nets.vgg_unet``), the losses (``lightning_modules.losses``) and the
-metrics (``lightning_modules.seg_metrics``) are plain and tested on their own; this class wires them to
-Lightning. The compression steps (pruning, distillation, hard-example replay, dropout toggling) are
-callbacks that act on this module through three small surfaces:
+The networks (``lightning_modules.nets.vgg_unet``, ``lightning_modules.nets.transformer_seg``), the losses
+(``lightning_modules.losses``) and the metrics (``lightning_modules.seg_metrics``) are plain and tested on
+their own; this class wires them to Lightning. The compression steps (pruning, distillation, hard-example
+replay, dropout toggling) are callbacks that act on this module through three small surfaces:
 
 * ``self.net`` is the deployable network, replaced in place by a pruning callback;
 * a batch may carry ``teacher_logits`` (put there by the distillation callback): the loss then mixes
@@ -20,7 +20,17 @@ from lightning import LightningModule
 from torch import Tensor
 
 from lightning_modules.losses import bce_dice_loss_per_sample, mask_distillation_loss_per_sample
-from lightning_modules.nets.vgg_unet import VGGUNet, load_network, load_vgg16_encoder
+from lightning_modules.nets.networks import (
+    ARCHITECTURES,
+    VGG_UNET,
+    SegmentationNet,
+    architecture_of,
+    load_network,
+    network_from_spec,
+)
+from lightning_modules.nets.transformer_seg import ARCHITECTURE as TRANSFORMER
+from lightning_modules.nets.transformer_seg import DEFAULT_DECODER_DIM, DEFAULT_ENCODER, TransformerSegNet
+from lightning_modules.nets.vgg_unet import VGGUNet, load_vgg16_encoder
 from lightning_modules.optim import adamw_one_cycle
 from lightning_modules.seg_metrics import SegmentationScores, binarize, prefixed
 
@@ -31,14 +41,21 @@ NETWORK_SPEC_KEY = "network_spec"
 
 
 class DiscSegmenter(LightningModule):
-    """A VGG16-style encoder-decoder trained with BCE + Dice (plus mask KD when a teacher is attached).
+    """A VGG16-style encoder-decoder (or a transformer) trained with BCE + Dice (plus mask KD with a teacher).
 
     Args:
-        base: width of the first block (64, 32, 16, 8 ...); ignored when ``network_path`` is given.
-        dropout: dropout after every activation except in the last block.
+        architecture: ``"vgg_unet"`` (``VGGUNet``: ``base``, ``batch_norm``, ``vgg16_weights``) or
+            ``"transformer"`` (``TransformerSegNet``: ``encoder``, ``decoder_dim``, ``encoder_weights``); the
+            other architecture's arguments are ignored.
+        base: width of the first block (64, 32, 16, 8 ...); ignored when ``network_path`` is given (and by
+            the transformer, whose config sets it to None).
+        dropout: VGGUNet: dropout after every activation except in the last block; transformer: before its
+            logits conv.
         vgg16_weights: a torchvision-layout ImageNet VGG16 state dict for encoder blocks 1-4 (base 64 only).
+        encoder, decoder_dim: the transformer's timm encoder (``features_only``-capable) and decoder width.
+        encoder_weights: a local timm state dict of the transformer's whole encoder model; None: from scratch.
         network_path: start from a saved network (``save_network``), e.g. the previous iteration's, instead
-            of building a fresh one.
+            of building a fresh one; it must be of ``architecture``.
         kd_alpha, kd_temperature: weight and temperature of the pixel-wise KD term; used only on batches
             that carry ``teacher_logits``.
         threshold: probability above which a pixel is disc, for every metric.
@@ -46,7 +63,7 @@ class DiscSegmenter(LightningModule):
 
     def __init__(
         self,
-        base: int = 64,
+        base: int | None = 64,
         dropout: float = 0.3,
         batch_norm: bool = True,
         vgg16_weights: str | None = None,
@@ -60,14 +77,22 @@ class DiscSegmenter(LightningModule):
         kd_temperature: float = 2.0,
         threshold: float = 0.5,
         channels_last: bool = True,
+        architecture: str = VGG_UNET,
+        encoder: str = DEFAULT_ENCODER,
+        decoder_dim: int = DEFAULT_DECODER_DIM,
+        encoder_weights: str | None = None,
     ):
         super().__init__()
+        if architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture={architecture!r}: choose one of {list(ARCHITECTURES)}")
         if not 0.0 <= kd_alpha <= 1.0:
             raise ValueError(f"kd_alpha={kd_alpha}: the KD weight must lie in [0, 1]")
         if kd_temperature <= 0:
             raise ValueError(f"kd_temperature={kd_temperature} must be positive")
         self.save_hyperparameters()
-        self.net = self._build_network(base, dropout, batch_norm, vgg16_weights, network_path)
+        self.net = self._build_network(architecture, network_path, base=base, dropout=dropout,
+                                       batch_norm=batch_norm, vgg16_weights=vgg16_weights, encoder=encoder,
+                                       decoder_dim=decoder_dim, encoder_weights=encoder_weights)
         self.lr, self.weight_decay, self.pct_start = lr, weight_decay, pct_start
         self.bce_weight, self.dice_weight = bce_weight, dice_weight
         self.kd_alpha, self.kd_temperature = kd_alpha, kd_temperature
@@ -80,11 +105,27 @@ class DiscSegmenter(LightningModule):
         self.test_per_image: list[dict[str, float]] = []
 
     @staticmethod
-    def _build_network(base: int, dropout: float, batch_norm: bool, vgg16_weights: str | None,
-                       network_path: str | None) -> VGGUNet:
+    def _build_network(architecture: str, network_path: str | None, *, base: int | None, dropout: float,
+                       batch_norm: bool, vgg16_weights: str | None, encoder: str, decoder_dim: int,
+                       encoder_weights: str | None) -> SegmentationNet:
         if network_path:
             net = load_network(network_path)
-            log.info("Network loaded from %s (widths of base %s)", network_path, net.base)
+            loaded = architecture_of(net.spec())
+            if loaded != architecture:
+                raise ValueError(f"network_path={network_path} holds a {loaded} network but "
+                                 f"architecture={architecture!r}: set architecture={loaded!r} (the segmenter "
+                                 "config of the stage that saved it)")
+            log.info("Network loaded from %s (%s)", network_path,
+                     f"widths of base {net.base}" if isinstance(net, VGGUNet) else net.spec())
+            return net
+        if architecture == TRANSFORMER:
+            net = TransformerSegNet(encoder=encoder, decoder_dim=decoder_dim, dropout=dropout,
+                                    pretrained_path=encoder_weights)
+            if encoder_weights:
+                log.info("Transfer learning: %s", net.pretrained_report)
+            else:
+                log.info("The %s encoder of the transformer segmenter starts from scratch (no "
+                         "encoder_weights given)", encoder)
             return net
         net = VGGUNet(base=base, dropout=dropout, batch_norm=batch_norm)
         if vgg16_weights:
@@ -95,14 +136,14 @@ class DiscSegmenter(LightningModule):
 
     # ------------------------------------------------------------------ checkpoints of pruned nets
     # A pruned network has the widths of a smaller base, not of ``hparams.base``: the spec travels with
-    # the weights and the network is rebuilt from it before the state dict is loaded.
+    # the weights and the network is rebuilt from it (of its architecture) before the state dict is loaded.
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint[NETWORK_SPEC_KEY] = self.net.spec()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         spec = checkpoint.get(NETWORK_SPEC_KEY)
         if spec is not None and spec != self.net.spec():
-            self.net = VGGUNet.from_spec(spec).to(self.device)
+            self.net = network_from_spec(spec).to(self.device)
             if self.channels_last:
                 self.net.to(memory_format=torch.channels_last)
 

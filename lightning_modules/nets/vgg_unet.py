@@ -292,41 +292,24 @@ def load_vgg16_encoder(net: VGGUNet, path: str | Path) -> str:
     return f"loaded {PRETRAINED_ENCODER_CONVS} conv layers of encoder blocks 1-4 from {path}"
 
 
-def save_network(net: VGGUNet, path: str | Path) -> Path:
+def save_network(net: nn.Module, path: str | Path) -> Path:
     """Save architecture and weights in one file (``{"spec": ..., "state_dict": ...}``); returns the path.
 
-    Needed for pruned networks, which ``VGGUNet(base=...)`` cannot rebuild; the file holds only plain values
-    and tensors, so ``load_network`` reads it with ``weights_only=True`` (no pickled classes).
+    Any of the suite's segmentation networks: ``lightning_modules.nets.networks.save_network`` does it.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"spec": net.spec(), "state_dict": net.state_dict()}, path)
-    return path
+    # imported here: networks imports this module (and the transformer segmenter, which does too)
+    from lightning_modules.nets.networks import save_network as save_any
+
+    return save_any(net, path)
 
 
-def load_network(path: str | Path, map_location: str | torch.device = "cpu") -> VGGUNet:
-    """Rebuild a network written by ``save_network``, weights included (returned in train mode, as built)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"network file {str(path)!r} does not exist: write it with save_network(net, path)"
-        )
-    try:
-        saved = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # corrupt, truncated or pickled objects: all mean "not a save_network file"
-        raise ValueError(f"could not read {str(path)!r} ({type(err).__name__}: {err}); "
-                         "expected a file written by save_network") from err
-    if not isinstance(saved, Mapping) or not {"spec", "state_dict"} <= set(saved):
-        raise ValueError(
-            f"{str(path)!r} holds no {{'spec', 'state_dict'}} dict: was it written by save_network? "
-            "(a bare state dict needs VGGUNet(...) built by hand and load_state_dict)"
-        )
-    net = VGGUNet.from_spec(saved["spec"])
-    try:
-        net.load_state_dict(saved["state_dict"])
-    except RuntimeError as err:
-        raise ValueError(f"weights in {str(path)!r} do not match its own spec: {err}") from err
-    return net
+def load_network(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a network written by ``save_network``, weights included, of whichever architecture its spec
+    names: ``lightning_modules.nets.networks.load_network``, which this calls (a spec without ``architecture``
+    is a VGGUNet's)."""
+    from lightning_modules.nets.networks import load_network as load_any
+
+    return load_any(path, map_location)
 
 
 def _checked_widths(widths: Sequence[int]) -> list[int]:

@@ -3,7 +3,7 @@ import math
 import pandas as pd
 import pytest
 
-from experiments.chain_summary import liminal_points, plan_chain, summary_table
+from experiments.chain_summary import describe_comparisons, liminal_points, plan_chain, summary_table
 
 
 def test_plan_has_iteration_one_then_the_prune_arm_in_order_then_the_kd_arm():
@@ -79,3 +79,54 @@ def test_finishers_need_stages_the_chain_runs():
 def test_finish_after_without_finishers_is_an_error():
     with pytest.raises(ValueError, match="without chain.finishers"):
         plan_chain([64, 32], ["prune"], finish_after=["prune-32"])
+
+
+# --- comparison stages (chain.compare) ---------------------------------------------------------------------
+def test_comparison_stages_follow_the_arms_have_no_base_and_precede_the_finishers():
+    stages = plan_chain([64, 32], ["prune"], finishers=["qat"], finish_after=["all"], compare=["transformer"])
+    assert [s.name for s in stages] == ["base-64", "prune-32", "compare-transformer", "qat-base-64",
+                                        "qat-prune-32"]
+    comparison = stages[2]
+    assert comparison.arm == "compare" and comparison.base is None and comparison.model == "transformer"
+    assert comparison.source is None and comparison.prune_ratio is None
+
+
+def test_finishers_refuse_comparison_stages_and_compare_names_must_be_unique():
+    with pytest.raises(ValueError, match=r"comparison stage\(s\) \['compare-transformer'\]"):
+        plan_chain([64], [], finishers=["qat"], finish_after=["compare-transformer"], compare=["transformer"])
+    with pytest.raises(ValueError, match="more than once"):
+        plan_chain([64], [], compare=["transformer", "transformer"])
+
+
+def test_summary_has_the_comparison_row_without_base_and_liminal_points_ignore_it():
+    stages = plan_chain([64, 32], ["prune"], compare=["transformer"])
+    # the transformer has iteration 1's Dice at the smallest latency: were it a candidate, it would win "any"
+    results = {"base-64": _result(0.90, 1.0, 100, 10, size=8e6),
+               "prune-32": _result(0.89, 1.0, 30, 5, size=2e6),
+               "compare-transformer": _result(0.91, 1.0, 8, 3, size=14e6)}
+    table = summary_table(stages, results)
+    assert list(table["stage"]) == ["base-64", "prune-32", "compare-transformer"]
+    row = table.iloc[2]
+    assert row["arm"] == "compare" and pd.isna(row["base"])
+    assert list(table["base"].iloc[:2]) == [64, 32] and str(table["base"].dtype) == "Int64"
+    assert row["latency_vs_base"] == pytest.approx(8 / 100)
+    assert row["cumulative_train_time_s"] == 3  # its own training only: it starts from no other stage
+    points = liminal_points(table, tolerance=0.05)
+    assert "compare" not in points
+    assert points["any"]["stage"] == "prune-32" and points["prune"]["stage"] == "prune-32"
+    text = describe_comparisons(table)
+    assert "compare-transformer: Dice 0.9100, 8.00 ms, 14.00 MB" in text
+    assert "iteration 1, base-64: Dice 0.9000, 100.00 ms, 8.00 MB" in text
+    assert describe_comparisons(table[table["arm"] != "compare"]) == ""
+
+
+def test_liminal_points_of_a_summary_csv_with_a_comparison_row(tmp_path):
+    """make report and make predict read the summary back from its CSV, where a comparison's base is empty."""
+    stages = plan_chain([64, 32], ["kd"], compare=["transformer"])
+    results = {"base-64": _result(0.90, 1.0, 100, 10), "kd-32": _result(0.88, 1.0, 30, 7),
+               "compare-transformer": _result(0.95, 1.0, 5, 3)}
+    summary_table(stages, results).to_csv(tmp_path / "summary.csv", index=False)
+    table = pd.read_csv(tmp_path / "summary.csv")
+    assert table["base"].isna().tolist() == [False, False, True]
+    points = liminal_points(table, tolerance=0.05)
+    assert points["any"]["stage"] == "kd-32" and points["any"]["base"] == 32

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
+from hydra.utils import instantiate
 
 from experiments.glaucoma_chain import run_glaucoma_chain
+from lightning_modules.nets.transformer_seg import TransformerSegNet
 from lightning_modules.nets.vgg_unet import VGGUNet, load_network
 from tests.experiments.helpers import (
     assert_shown_value_is_the_newest,
@@ -150,3 +154,93 @@ def test_retest_tests_finished_stages_again_without_training_them(project: Path)
         assert network.stat().st_mtime_ns == mtimes[name]  # not trained again
         assert after["stages"][name]["test"]["test/dice"] == pytest.approx(before["stages"][name]["test"]["test/dice"])
         assert_shown_value_is_the_newest(client, after["child_run_ids"][name], "model/latency_ms_median")
+
+
+# --- experiment=disc_transformer: the transformer segmenter as a comparison stage ---------------------------
+#: a base-8 reference keeps the tiny run short; the experiment's own is base 64
+TRANSFORMER = ["experiment=disc_transformer", *TINY, "chain.bases=[8]"]
+
+
+@pytest.mark.parametrize("debug", ["none", "smoke", "tiny"])
+def test_disc_transformer_experiment_builds_the_comparison_for_its_image_size(debug: str, tmp_path: Path,
+                                                                               monkeypatch):
+    monkeypatch.setenv("PROJECT_ROOT", str(tmp_path))
+    cfg = compose_config("glaucoma_chain", ["experiment=disc_transformer", f"debug={debug}"],
+                         tmp_path / "run")
+    assert list(cfg.chain.bases) == [64] and list(cfg.chain.arms) == []
+    assert list(cfg.chain.compare) == ["transformer"]
+    # a comparison trains as long as iteration 1
+    assert cfg.chain.max_epochs.compare == cfg.chain.max_epochs.base
+    module = instantiate(cfg.model.compare.transformer)
+    assert isinstance(module.net, TransformerSegNet) and module.net.spec()["encoder"] == "pvt_v2_b0"
+    size = cfg.data.image_size
+    with torch.no_grad():
+        assert module.net.eval()(torch.zeros(1, 3, size, size)).shape == (1, 1, size, size)
+
+
+def test_a_comparison_without_its_config_or_a_chain_of_transformers_is_refused_before_anything_runs(
+        project: Path):
+    with pytest.raises(ValueError, match=r"chain.compare names \['transformer'\].*model.compare"):
+        run_glaucoma_chain(compose_config("glaucoma_chain", [*TINY, "chain.compare=[transformer]"],
+                                          project / "x"))
+    # pruning and the finishers know the VGG16-style network only
+    with pytest.raises(ValueError, match="architecture=transformer.*experiment=disc_transformer"):
+        run_glaucoma_chain(compose_config("glaucoma_chain", [*TINY, "model/segmenter=transformer"],
+                                          project / "y"))
+    assert not (project / "mlruns" / "mlflow.db").exists()
+
+
+@pytest.mark.slow
+def test_disc_transformer_chain_reports_the_transformer_beside_iteration_one(project: Path):
+    run_dir = project / "outputs" / "glaucoma-iterations" / "runs" / "transformer"
+    run_glaucoma_chain(compose_config("glaucoma_chain", TRANSFORMER, run_dir))
+    runs = _runs(project)
+    parent_name = f"glaucoma-iterations[{','.join(TRANSFORMER)}]"
+    assert set(runs) == {parent_name, "base-8", "compare-transformer"}
+    parent, child = runs[parent_name][0], runs["compare-transformer"][0]
+    assert parent.info.status == "FINISHED" and child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert child.data.tags["arm"] == "compare" and child.data.tags["base"] == "-"
+    for name in ["test/dice", "test/iou", "test/edge_case_detection", "model/params", "model/size_bytes",
+                 "model/latency_ms_median", "chain/train_time_s", "pipeline/latency_ms_median"]:
+        assert name in child.data.metrics, f"compare-transformer lacks {name}"
+    latency = child.data.metrics["model/latency_ms_median"]
+    assert parent.data.metrics["compare-transformer/latency_ms"] == latency
+    assert not any(key.startswith("liminal/compare") for key in parent.data.metrics)
+
+    table = pd.read_csv(run_dir / "summary.csv").set_index("stage")
+    assert list(table.index) == ["base-8", "compare-transformer"]
+    row = table.loc["compare-transformer"]
+    assert row["arm"] == "compare" and math.isnan(row["base"]) and table.loc["base-8", "base"] == 8
+    # the config's network: pvt_v2_b0 with a 128-channel decoder, as the experiment builds it
+    assert row["params"] == sum(p.numel() for p in TransformerSegNet(decoder_dim=128).parameters())
+    assert row["latency_vs_base"] == pytest.approx(row["latency_ms"] / table.loc["base-8", "latency_ms"])
+    assert "| compare-transformer | compare | -" in (run_dir / "summary.md").read_text()
+    network = run_dir / "compare-transformer" / "network.pt"
+    assert isinstance(load_network(network), TransformerSegNet)
+    bundle = json.loads((run_dir / "compare-transformer" / "deploy" / "bundle.json").read_text())
+    assert bundle["files"]["fp32"] and bundle["fp32_max_abs_diff"] < 1e-4
+
+    # retest: the comparison is rebuilt from its network.pt, tested again, not trained
+    state_file = run_dir / "run_state.json"
+    before = json.loads(state_file.read_text())
+    mtime = network.stat().st_mtime_ns
+    run_glaucoma_chain(compose_config("glaucoma_chain", [*TRANSFORMER, "retest=true", f"resume={run_dir}"],
+                                      project / "elsewhere"))
+    after = json.loads(state_file.read_text())
+    assert after["child_run_ids"] == before["child_run_ids"] and network.stat().st_mtime_ns == mtime
+    assert after["stages"]["compare-transformer"]["test"]["test/dice"] == pytest.approx(
+        before["stages"]["compare-transformer"]["test"]["test/dice"])
+    assert_shown_value_is_the_newest(mlflow_store(project), after["child_run_ids"]["compare-transformer"],
+                                     "model/latency_ms_median")
+
+    # resume: the process died while the comparison trained; iteration 1 is not trained again
+    after["stages"]["compare-transformer"] = {"status": "running"}
+    after["complete"] = False
+    state_file.write_text(json.dumps(after))
+    first = Path(after["stages"]["base-8"]["network"]).stat().st_mtime_ns
+    run_glaucoma_chain(compose_config("glaucoma_chain", [*TRANSFORMER, "resume=true"], project / "again"))
+    resumed = json.loads(state_file.read_text())
+    assert resumed["complete"] and resumed["stages"]["compare-transformer"]["status"] == "done"
+    assert Path(resumed["stages"]["base-8"]["network"]).stat().st_mtime_ns == first
+    assert network.stat().st_mtime_ns != mtime
+    assert all(len(runs) == 1 for runs in _runs(project).values())

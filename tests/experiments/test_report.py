@@ -38,8 +38,10 @@ STUDENT_ONLY = [*NO_EXTRAS, "debug=tiny", "experiment=dr_student_only"]
 CHAIN = [*NO_EXTRAS, "debug=tiny", "chain.bases=[16,8]", "chain.finishers=[qat,share]",
          "chain.finish_after=[prune-8]", "chain.max_epochs.qat=1", "chain.max_epochs.share=1",
          # an almost untrained tiny network: its int8 masks need not agree with fp32's
-         "chain.callbacks.qat.min_mask_dice=0", "chain.callbacks.qat.max_mean_abs_logit_diff=100"]
-CHAIN_STAGES = ["base-16", "prune-8", "kd-8", "qat-prune-8", "share-prune-8"]
+         "chain.callbacks.qat.min_mask_dice=0", "chain.callbacks.qat.max_mean_abs_logit_diff=100",
+         # a comparison stage (as experiment=disc_transformer adds): a row without a base, never a liminal point
+         "+model/segmenter@model.compare.transformer=transformer", "chain.compare=[transformer]"]
+CHAIN_STAGES = ["base-16", "prune-8", "kd-8", "compare-transformer", "qat-prune-8", "share-prune-8"]
 FEW_RESAMPLES = "report.bootstrap.n_resamples=200"
 
 
@@ -122,6 +124,9 @@ def test_report_of_tiny_runs_has_a_row_for_every_stage_run(tiny_store: Path, mon
     assert "| fp32 " in _row(dr_section, dr_children["teacher"].info.run_id)
     assert "| int8 " in _row(chain_section, chain_children["qat-prune-8"].info.run_id)
     assert "| 4-bit shared (k=16) " in _row(chain_section, chain_children["share-prune-8"].info.run_id)
+    # the comparison's base cell is empty (its tag says "-"), its arm "compare"
+    compare_row = _row(chain_section, chain_children["compare-transformer"].info.run_id)
+    assert re.match(r"\| compare-transformer +\| compare +\| +\| fp32 ", compare_row), compare_row
     qwk = dr_children["student"].data.metrics["test/qwk"]
     assert f"| {format_number(qwk)} " in _row(dr_section, dr_children["student"].info.run_id)
 
@@ -131,6 +136,7 @@ def test_report_of_tiny_runs_has_a_row_for_every_stage_run(tiny_store: Path, mon
         if key.startswith("liminal/") and key != "liminal/base_base":
             arm = key.removeprefix("liminal/").removesuffix("_base")
             assert re.search(rf"^\| {arm} +\| \S+ +\| {int(base)} ", liminal, flags=re.M), liminal
+    assert not re.search(r"^\| compare", liminal, flags=re.M)  # a comparison is never a liminal point
 
     # self-contained HTML, Markdown beside its figure, in the Hydra run directory
     assert files["html"].parent == tiny_store / "outputs" / "report" / "report_a"
