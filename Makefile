@@ -91,11 +91,13 @@ TRACKING_DIR ?= $(CURDIR)/.tracking
 TRACKING_HOST ?= 127.0.0.1
 TRACKING_PORT ?= 5001
 TRACKING_PG_PORT ?= 5433
+# extra Host headers the server accepts (a DNS name or proxy address teammates use), comma-separated
+TRACKING_ALLOWED_HOSTS ?=
 .PHONY: tracking-server tracking-server-stop tracking-server-status postgres
 
 tracking-server: $(INSTALLED) postgres ## Shared MLflow server on PostgreSQL (http://127.0.0.1:5001, data in .tracking/): prints the MLFLOW_TRACKING_URI to export
 	@$(BIN)/python -m experiments.tracking_server start --dir "$(TRACKING_DIR)" --host $(TRACKING_HOST) \
-		--port $(TRACKING_PORT) --pg-port $(TRACKING_PG_PORT)
+		--port $(TRACKING_PORT) --pg-port $(TRACKING_PG_PORT) $(if $(TRACKING_ALLOWED_HOSTS),--allowed-hosts "$(TRACKING_ALLOWED_HOSTS)")
 
 tracking-server-stop: $(INSTALLED) ## Stop the shared tracking server (MLflow, then PostgreSQL); its data stays
 	@$(BIN)/python -m experiments.tracking_server stop --dir "$(TRACKING_DIR)"

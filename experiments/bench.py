@@ -211,10 +211,11 @@ def _disc_pipeline(cfg: DictConfig, mode: str, run_dir: Path | None) -> Pipeline
         state = read_run_state(run_dir, CHAIN_TASK, "bench.chain_run_dir")
         stages = _done_stages(state, run_dir, CHAIN_TASK)
         # the base and the arms; a finisher stage (qat-*, share-*) holds a fine-tuned copy of one of them, which
-        # the bench's own post-training int8 and weight-sharing rows stand for
+        # the bench's own post-training int8 and weight-sharing rows stand for, and a comparison stage
+        # (compare-*) is another architecture, not a step of the compression chain
         skipped = [name for name in stages if name.split("-")[0] not in (BASE_ARM, *ARMS)]
         if skipped:
-            log.info("Not measuring the finisher stages %s of %s", skipped, run_dir)
+            log.info("Not measuring the finisher and comparison stages %s of %s", skipped, run_dir)
         stages = {name: result for name, result in stages.items() if name not in skipped}
         if not stages:
             raise ValueError(f"{run_dir} has no finished base, prune or kd stage to measure (only {skipped})")

@@ -233,3 +233,15 @@ def wait_for_stage(state_file: Path, stage: str, timeout_s: float, poll_s: float
                 f"done in {state_file} (its status there: {status!r}). Is the primary still "
                 f"running (its log), and is {state_file.parent} on a filesystem every node shares?")
         time.sleep(poll_s)
+
+
+def check_single_run_for_ddp(trainer_cfg: Mapping[str, Any], multirun: bool) -> None:
+    """A multi-process strategy cannot serve a sweep (``-m``, ``experiment=dr_baselines``, ``hparams_search``):
+    Lightning starts the other processes by running the same command again, so each would start the whole sweep
+    again, and (Optuna) ask the study for trials of its own."""
+    if multirun and is_multiprocess_strategy(trainer_cfg.get("strategy")):
+        raise DeviceRequestError(
+            f"trainer.strategy={_strategy_name(trainer_cfg.get('strategy'))} runs one process per device, and each "
+            "would start this sweep again: run one configuration per command with DDP (add hydra.mode=RUN and "
+            "pick one value, e.g. hydra.mode=RUN model/baseline=resnet50), or sweep with trainer=gpu")
+

@@ -97,6 +97,14 @@ def _check_models(cfg: DictConfig, names: list[str]) -> None:
             "one's segmenter config to the experiment's defaults (`- /model/segmenter@model.compare.<name>: "
             "<config>`, see experiment=disc_transformer), or on the command line "
             "`+model/segmenter@model.compare.transformer=transformer`")
+    size = int(cfg.data.image_size)
+    for name in names:
+        # a transformer needs sides divisible by its coarsest stride (32 for pvt_v2), the VGG only by 16: say so
+        # now, not after iteration 1 has trained
+        multiple = getattr(instantiate(known[name], **_kd_arguments(cfg)).net, "input_multiple", 1)
+        if size % multiple:
+            raise ValueError(f"data.image_size={size}: the comparison model {name!r} needs image sides divisible "
+                             f"by {multiple}; use e.g. data.image_size={-(-size // multiple) * multiple}")
 
 
 def _segmenter_config(cfg: DictConfig, stage: ChainStage) -> DictConfig:

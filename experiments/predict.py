@@ -95,12 +95,15 @@ class PredictError(ValueError):
 Preference = list[tuple[str, str]]
 
 
+#: dr-distill's stages, best deliverable first, and why each is chosen
+DR_PREFERENCE = {"student_qat": "the quantization-aware student", "student": "the distilled student",
+                 "teacher": "the teacher", "baseline": "the architecture baseline (experiment=dr_baselines)"}
+
+
 def dr_stage_preference(stages: Sequence[str]) -> Preference:
-    """The finished stages of a dr-distill run, best first (the last trained first): the int8-trained student,
-    the student, the teacher."""
-    reasons = {"student_qat": "the quantization-aware student", "student": "the distilled student",
-               "teacher": "the teacher"}
-    return [(stage, reasons[stage]) for stage in reversed(DR_STAGES) if stage in stages]
+    """The finished stages of a dr-distill run, best first: the int8-trained student, the student, the teacher,
+    an architecture baseline."""
+    return [(stage, reason) for stage, reason in DR_PREFERENCE.items() if stage in stages]
 
 
 def disc_stage_preference(stages: Sequence[str], summary: pd.DataFrame | None,

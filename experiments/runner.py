@@ -13,6 +13,7 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, DeviceStatsMonitor, LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
@@ -20,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from experiments.distributed import (
     FAILED,
     check_accelerator,
+    check_single_run_for_ddp,
     is_primary_process,
     leave_process_group,
     single_device_overrides,
@@ -134,6 +136,7 @@ def start_invocation(cfg: DictConfig) -> Invocation:
     the same data and writes nothing: its invocation has no files, tags or parent run of its own.
     """
     check_accelerator(cfg.trainer, torch.cuda.is_available(), torch.cuda.device_count())
+    check_single_run_for_ddp(cfg.trainer, HydraConfig.get().mode == RunMode.MULTIRUN)
     ctx = create_context(cfg)
     L.seed_everything(cfg.seed, workers=True)
     if cfg.threads:
@@ -397,8 +400,11 @@ def _follow_stage(ctx: RunContext, stage: str, module: L.LightningModule, datamo
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
     _end_distributed_fit(trainer)
     launcher = os.getppid()
+    # Lightning starts local ranks > 0 from rank 0's process: when that parent is gone, rank 0 is. A process
+    # started by hand (local rank 0 of another node) has a shell as its parent, which may exit at logout.
+    started_by_rank_zero = os.environ.get("LOCAL_RANK", "0") != "0"
     log.info("Stage %s trained; waiting for the primary process to test it", stage)
     result = wait_for_stage(ctx.state.path, stage, FOLLOWER_TIMEOUT_S, FOLLOWER_POLL_S,
-                            launcher_alive=lambda: os.getppid() == launcher)
+                            launcher_alive=(lambda: os.getppid() == launcher) if started_by_rank_zero else None)
     ctx.state.stages[stage] = result
     return result

@@ -21,9 +21,10 @@ from optuna.trial import TrialState
 
 log = logging.getLogger(__name__)
 
-#: trial states that used up a place in the study's budget; RUNNING ones may belong to another worker sharing
-#: the storage (or to an interrupted process: those stay RUNNING and the samplers ignore them)
-FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+#: trial states that used up a place in the study's budget. A failed trial (a bad argument, say) does not: the
+#: rerun after the fix still runs them all. RUNNING ones may belong to another worker sharing the storage (or to an
+#: interrupted process: those stay RUNNING and the samplers ignore them).
+FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
 
 #: the config key a trial's number arrives in (primary configs declare it null; hydra/default.yaml keeps it out
 #: of the run key, so resuming a trial's run does not depend on it)
@@ -39,7 +40,7 @@ def sqlite_path(storage: str | None) -> Path | None:
 
 
 def finished_trials(storage: str | None, study_name: str | None) -> int:
-    """Trials of a stored study that finished (complete, pruned or failed); 0 for no storage or a new study."""
+    """Trials of a stored study that finished (complete or pruned); 0 for no storage or a new study."""
     if storage is None or study_name is None:
         return 0
     database = sqlite_path(storage)

@@ -25,6 +25,7 @@ cluster (peer authentication). ``initdb`` and ``postgres`` refuse to run as root
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import ipaddress
 import logging
 import os
@@ -171,6 +172,10 @@ def _version_key(name: str) -> tuple[int, ...]:
     return tuple(int(part) for part in re.findall(r"\d+", name)) or (-1,)
 
 
+#: bind addresses that are no address to connect to
+WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})
+
+
 def backend_store_uri(pg_port: int, database: str = DATABASE) -> str:
     """The SQLAlchemy URI of ``database`` on the loopback cluster, without the password (libpq reads it from
     ``PGPASSFILE``), e.g. ``postgresql://mlflow@127.0.0.1:5433/mlflow``."""
@@ -180,7 +185,7 @@ def backend_store_uri(pg_port: int, database: str = DATABASE) -> str:
 def client_tracking_uri(host: str, port: int, hostname: str | None = None) -> str:
     """The URI clients export as ``MLFLOW_TRACKING_URI`` for a server bound to ``host``: a wildcard address
     (0.0.0.0, ::) is no address to connect to, so it becomes this machine's ``hostname``."""
-    if host in {"0.0.0.0", "::", ""}:
+    if host in WILDCARD_HOSTS:
         host = hostname or socket.gethostname()
     return f"http://{_url_host(host)}:{port}"
 
@@ -212,9 +217,21 @@ def mlflow_server_command(settings: TrackingServerSettings, python: str = sys.ex
                "--host", settings.host, "--port", str(settings.port)]
     if settings.workers is not None:
         command += ["--workers", str(settings.workers)]
-    if settings.allowed_hosts:
-        command += ["--allowed-hosts", settings.allowed_hosts]
+    allowed = allowed_hosts(settings)
+    if allowed:
+        command += ["--allowed-hosts", allowed]
     return command
+
+
+def allowed_hosts(settings: TrackingServerSettings, hostname: str | None = None) -> str | None:
+    """``--allowed-hosts``: the given ones, plus, for a wildcard bind, the host name that
+    ``client_tracking_uri`` prints (MLflow 3 accepts only localhost and private IPs in a request's Host header by
+    default, so the printed address would otherwise be refused)."""
+    hosts = [host for host in (settings.allowed_hosts or "").split(",") if host]
+    if settings.host in WILDCARD_HOSTS:
+        name = hostname or socket.gethostname()
+        hosts += [entry for entry in (name, f"{name}:{settings.port}") if entry not in hosts]
+    return ",".join(hosts) or None
 
 
 def setup_sql(password: str) -> str:
@@ -539,7 +556,8 @@ def start(settings: TrackingServerSettings, timeout_s: float = SERVER_START_TIME
     bin_dir = find_postgres_bin_dir()
     pg_port = start_postgres(settings, bin_dir)
     try:
-        pid, uri = start_mlflow(settings, timeout_s)
+        # a cluster already running keeps its port, which MLflow must use whatever was asked for now
+        pid, uri = start_mlflow(dataclasses.replace(settings, pg_port=pg_port), timeout_s)
     except TrackingServerError as error:
         raise TrackingServerError(f"{error}\n(PostgreSQL keeps running on 127.0.0.1:{pg_port}: stop stops "
                                   "it, start tries the MLflow server again)") from error

@@ -85,16 +85,23 @@ def resolve_teacher_checkpoint(value: str | None) -> str | None:
                                 "with run_state.json; give e.g. outputs/dr-distill/runs/<time> or its "
                                 "teacher/checkpoints/<best>.ckpt")
     teacher = RunState.load_or_create(state_file, "").stages.get("teacher", {})
-    if teacher.get("status") != "done" or not Path(teacher.get("checkpoint", "")).is_file():
+    if teacher.get("status") != "done":
         raise FileNotFoundError(f"distill.teacher_checkpoint={value}: that run has no finished teacher stage "
-                                f"(status {teacher.get('status', 'none')!r}); finish it with resume={value}")
+                                f"(status {teacher.get('status', 'none')!r}); finish it first with its own "
+                                f"overrides plus resume={value}, or name a teacher .ckpt")
+    if not Path(teacher["checkpoint"]).is_file():
+        raise FileNotFoundError(f"distill.teacher_checkpoint={value}: its teacher finished, but the checkpoint it "
+                                f"recorded, {teacher['checkpoint']}, is gone (was the run folder moved?); pass the "
+                                "teacher's .ckpt itself, e.g. <run folder>/teacher/checkpoints/best-*.ckpt")
     log.info("Teacher checkpoint of run %s: %s", value, teacher["checkpoint"])
     return str(teacher["checkpoint"])
 
 
 def _summary(ctx: RunContext, dm: DRDataModule) -> dict[str, float]:
     """Parent-run metrics: each stage's headline test metrics, its size and latency, and the baseline."""
-    summary = {"baseline/majority_acc": dm.majority_baseline_accuracy("test")}
+    # the majority-class accuracy, a floor for every stage (not under ``baseline/``: that is the architecture
+    # baseline stage's prefix)
+    summary = {"majority_class/test_acc": dm.majority_baseline_accuracy("test")}
     for stage, result in ctx.state.stages.items():
         for name in SUMMARY_METRICS:
             if name in result.get("test", {}):

@@ -35,10 +35,10 @@ class _ResumableImpl(OptunaSweeperImpl):
                      self.storage, finished, total, self.n_trials)
         if self.n_trials == 0:
             study = optuna.load_study(study_name=self.study_name, storage=self.storage)
+            best = study.best_trial  # n_trials == 0 means finished (complete or pruned) trials exist
             log.warning("Study %s already has its %d trials (best: trial %d, value %s, params %s): raise "
                         "hydra.sweeper.n_trials to search further, or name a new study with "
-                        "hydra.sweeper.study_name", self.study_name, total, study.best_trial.number,
-                        study.best_value, study.best_params)
+                        "hydra.sweeper.study_name", self.study_name, total, best.number, best.value, best.params)
             return
         super().sweep(arguments)
 

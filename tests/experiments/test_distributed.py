@@ -18,6 +18,7 @@ from experiments.distributed import (
     DeviceRequestError,
     PrimaryStageError,
     check_accelerator,
+    check_single_run_for_ddp,
     is_primary_process,
     single_device_overrides,
     wait_for_stage,
@@ -271,3 +272,13 @@ def test_ddp_on_two_cpu_processes_records_one_run(tmp_path: Path):
         for metric in ("test/qwk", "test/acc", "model/params"):
             assert len(client.get_metric_history(child.info.run_id, metric)) == 1, f"{stage} {metric}"
         assert client.get_run(child.info.run_id).data.metrics["test/qwk"] == state["stages"][stage]["test"]["test/qwk"]
+
+
+def test_a_sweep_is_refused_with_ddp_but_not_with_one_process():
+    # every DDP process would run the command again, i.e. start the whole sweep (and ask Optuna for trials) again
+    with pytest.raises(DeviceRequestError, match="hydra.mode=RUN model/baseline=resnet50"):
+        check_single_run_for_ddp({"strategy": "ddp"}, multirun=True)
+    check_single_run_for_ddp({"strategy": "ddp"}, multirun=False)
+    check_single_run_for_ddp({"strategy": "auto"}, multirun=True)
+    check_single_run_for_ddp({}, multirun=True)
+

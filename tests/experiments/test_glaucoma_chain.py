@@ -187,6 +187,10 @@ def test_a_comparison_without_its_config_or_a_chain_of_transformers_is_refused_b
     with pytest.raises(ValueError, match="architecture=transformer.*experiment=disc_transformer"):
         run_glaucoma_chain(compose_config("glaucoma_chain", [*TINY, "model/segmenter=transformer"],
                                           project / "y"))
+    # 48 px suits the VGG (a multiple of 16) but not pvt_v2's stride 32: refused before iteration 1 trains
+    with pytest.raises(ValueError, match=r"data.image_size=48: .*divisible by 32; use e.g. data.image_size=64"):
+        run_glaucoma_chain(compose_config("glaucoma_chain", [*TINY, "experiment=disc_transformer",
+                                                             "data.image_size=48"], project / "z"))
     assert not (project / "mlruns" / "mlflow.db").exists()
 
 

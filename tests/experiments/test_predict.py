@@ -270,6 +270,10 @@ def test_a_dr_run_prefers_its_int8_trained_student_then_its_student_then_its_tea
         "student_qat", "student", "teacher"]
     assert [stage for stage, _ in dr_stage_preference(["teacher"])] == ["teacher"]
     assert dr_stage_preference([]) == []
+    # an architecture baseline (experiment=dr_baselines) is chosen only where nothing else was trained
+    assert [stage for stage, _ in dr_stage_preference(["baseline"])] == ["baseline"]
+    assert [stage for stage, _ in dr_stage_preference(["baseline", "teacher", "student"])] == [
+        "student", "teacher", "baseline"]
 
 
 def test_a_chain_prefers_its_liminal_point_then_each_arms_then_its_prune_stages_smallest_first():

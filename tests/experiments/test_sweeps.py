@@ -32,7 +32,9 @@ def test_every_search_composes_and_its_sweeper_instantiates(search, tmp_path: Pa
     cfg = compose_config(SEARCHES[search], [f"hparams_search={search}"], tmp_path / "run", keep_hydra=True)
     assert cfg.hydra.mode.name == "MULTIRUN"
     sweeper = instantiate(cfg.hydra.sweeper)
-    assert isinstance(sweeper, ResumableOptunaSweeper)
+    # by name: Hydra's plugin scan may have loaded the plugin module a second time
+    assert type(sweeper).__qualname__ == ResumableOptunaSweeper.__qualname__
+    assert type(sweeper).__module__ == ResumableOptunaSweeper.__module__
     assert sweeper.sweeper.direction == "maximize" and sweeper.sweeper.study_name == search
     # the study is stored next to the MLflow store of this project
     assert sqlite_path(sweeper.sweeper.storage) == tmp_path / "mlruns" / "optuna.db"
@@ -63,13 +65,14 @@ def test_sqlite_path_of_storage_urls():
     assert sqlite_path("postgresql://u@host/db") is None and sqlite_path(None) is None
 
 
-def test_a_study_counts_finished_trials_but_not_running_ones(tmp_path: Path):
+def test_a_study_counts_finished_trials_but_not_failed_or_running_ones(tmp_path: Path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     assert finished_trials(storage, "s") == 0  # no database yet
     study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
     assert finished_trials(storage, "other") == 0  # no such study
     study.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=2)
-    study.tell(study.ask(), state=optuna.trial.TrialState.FAIL)
+    study.tell(study.ask(), state=optuna.trial.TrialState.FAIL)  # a failed trial is run again after the fix
+    study.tell(study.ask(), state=optuna.trial.TrialState.PRUNED)
     study.ask()  # an interrupted (or another worker's) trial stays RUNNING
     assert finished_trials(storage, "s") == 3
     assert remaining_trials(5, 3) == 2 and remaining_trials(2, 3) == 0

@@ -16,6 +16,7 @@ import pytest
 from experiments.tracking_server import (
     TrackingServerError,
     TrackingServerSettings,
+    allowed_hosts,
     backend_store_uri,
     client_tracking_uri,
     ensure_passfile,
@@ -91,7 +92,9 @@ def test_the_mlflow_command_serves_artifacts_from_the_tracking_folder(tmp_path: 
     assert value("--artifacts-destination") == str(tmp_path / "tracking" / "artifacts")
     assert (value("--host"), value("--port")) == ("0.0.0.0", "6002")
     assert "--serve-artifacts" in command
-    assert "--workers" not in command and "--allowed-hosts" not in command
+    assert "--workers" not in command
+    # bound to every address: the host name clients are told to use is accepted too
+    assert value("--allowed-hosts") == f"{socket.gethostname()},{socket.gethostname()}:6002"
 
     tuned = TrackingServerSettings(tmp_path, workers=1, allowed_hosts="mlflow.lab.example")
     tail = mlflow_server_command(tuned)[-4:]
@@ -168,3 +171,12 @@ def test_a_pid_file_naming_another_process_is_not_taken_for_the_server(tmp_path:
     # this very process lives, but it is no `mlflow server` of this folder: stopping it would be a disaster
     settings.pid_file.write_text(f"{os.getpid()}\n")
     assert status(settings).mlflow_pid is None
+
+
+def test_a_wildcard_bind_accepts_the_host_name_it_prints_for_clients():
+    team = TrackingServerSettings(host="0.0.0.0", port=5001, allowed_hosts="mlflow.lab.example")
+    assert allowed_hosts(team, hostname="vm7") == "mlflow.lab.example,vm7,vm7:5001"
+    assert client_tracking_uri("0.0.0.0", 5001, hostname="vm7") == "http://vm7:5001"
+    # loopback: MLflow's defaults (localhost, private IPs) already cover it
+    assert allowed_hosts(TrackingServerSettings(), hostname="vm7") is None
+

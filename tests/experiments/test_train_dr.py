@@ -41,7 +41,7 @@ def test_fast_dev_run_logs_parent_and_child_runs_with_stable_metric_names(projec
     assert parent.data.tags["synthetic_data"] == "true" and len(parent.data.tags["data_fingerprint"]) == 16
     assert parent.data.tags["overrides"] == "debug=tiny"
     assert "mlflow.source.git.commit" in parent.data.tags
-    assert "baseline/majority_acc" in parent.data.metrics and "student/test/qwk" in parent.data.metrics
+    assert "majority_class/test_acc" in parent.data.metrics and "student/test/qwk" in parent.data.metrics
     for stage in ("teacher", "student"):
         child = runs[stage][0]
         assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
