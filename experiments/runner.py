@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -80,6 +81,22 @@ def run_name(task_name: str, override_dirname: str) -> str:
     return f"{task_name}[{override_dirname}]" if override_dirname else task_name
 
 
+@contextmanager
+def _store_setup_lock(project_root: Path, local_store: bool) -> Iterator[None]:
+    """Serialises the first contact with the project's SQLite MLflow store: parallel sweep jobs (the joblib
+    launcher) would otherwise race to create its tables ("table ... already exists") and the same experiment.
+    A file lock, since the jobs are separate processes; a tracking server orders its own writes."""
+    if not local_store:
+        yield
+        return
+    with (project_root / "mlruns" / ".store-setup.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def create_context(cfg: DictConfig) -> RunContext:
     primary = is_primary_process(os.environ)
     project_root = Path(cfg.paths.root_dir).resolve()
@@ -107,8 +124,9 @@ def create_context(cfg: DictConfig) -> RunContext:
     artifact_location = None if cfg.logger.tracking_uri else default_artifact_root(project_root)
     if not cfg.logger.tracking_uri:
         (project_root / "mlruns").mkdir(parents=True, exist_ok=True)
-    tracker = RunTracker(tracking_uri, cfg.logger.experiment_name, run_name(cfg.task_name, override_dirname),
-                         state, artifact_location)
+    with _store_setup_lock(project_root, local_store=not cfg.logger.tracking_uri):
+        tracker = RunTracker(tracking_uri, cfg.logger.experiment_name, run_name(cfg.task_name, override_dirname),
+                             state, artifact_location)
     return RunContext(cfg, project_root, run_dir, run_key, overrides, state, tracker)
 
 
