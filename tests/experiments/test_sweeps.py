@@ -120,7 +120,7 @@ def test_a_two_trial_study_runs_on_synthetic_data_and_resumes(tiny_teacher: Path
     trials = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     assert [t.number for t in trials] == [0, 1]
     assert trials[0].params != trials[1].params
-    assert all(0.0 <= t.value <= 1.0 for t in trials)  # validation QWK
+    assert all(-1.0 <= t.value <= 1.0 for t in trials)  # validation QWK (a tiny model may score below 0)
     assert all(1.0 <= t.params["distill.temperature"] <= 8.0 for t in trials)
 
     # each trial is an MLflow run (parent + student child) tagged with its trial number, holding its parameters
