@@ -6,7 +6,7 @@ import fcntl
 import logging
 import os
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,14 +82,13 @@ def run_name(task_name: str, override_dirname: str) -> str:
 
 
 @contextmanager
-def _store_setup_lock(project_root: Path, local_store: bool) -> Iterator[None]:
-    """Serialises the first contact with the project's SQLite MLflow store: parallel sweep jobs (the joblib
-    launcher) would otherwise race to create its tables ("table ... already exists") and the same experiment.
-    A file lock, since the jobs are separate processes; a tracking server orders its own writes."""
-    if not local_store:
-        yield
-        return
-    with (project_root / "mlruns" / ".store-setup.lock").open("a") as lock:
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock between processes (parallel sweep jobs of the joblib launcher, DDP processes started by
+    torchrun) around work that must happen once: creating the SQLite MLflow store and its experiment (two jobs
+    would race on "table ... already exists"), generating and caching the data (one job would read the other's
+    half-written image)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
@@ -124,7 +123,8 @@ def create_context(cfg: DictConfig) -> RunContext:
     artifact_location = None if cfg.logger.tracking_uri else default_artifact_root(project_root)
     if not cfg.logger.tracking_uri:
         (project_root / "mlruns").mkdir(parents=True, exist_ok=True)
-    with _store_setup_lock(project_root, local_store=not cfg.logger.tracking_uri):
+    # a tracking server orders its own writes; the local SQLite store is created by the first job only
+    with _file_lock(project_root / "mlruns" / ".store-setup.lock") if not cfg.logger.tracking_uri else nullcontext():
         tracker = RunTracker(tracking_uri, cfg.logger.experiment_name, run_name(cfg.task_name, override_dirname),
                              state, artifact_location)
     return RunContext(cfg, project_root, run_dir, run_key, overrides, state, tracker)
@@ -160,8 +160,9 @@ def start_invocation(cfg: DictConfig) -> Invocation:
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     datamodule = instantiate(cfg.data)
-    datamodule.prepare_data()
-    datamodule.setup()  # validates every file and split: bad data stops the run here, with the list of problems
+    with _file_lock(Path(cfg.paths.cache_dir).resolve() / ".prepare-data.lock"):
+        datamodule.prepare_data()
+        datamodule.setup()  # validates every file and split: bad data stops the run here, with the list of problems
     if not ctx.primary:
         return Invocation(ctx, datamodule, [], {}, ctx.state.parent_run_id)
     config_file = save_resolved_config(cfg, ctx.run_dir / "config.yaml")
