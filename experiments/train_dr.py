@@ -98,7 +98,7 @@ def resolve_teacher_checkpoint(value: str | None) -> str | None:
 
 
 def _summary(ctx: RunContext, dm: DRDataModule) -> dict[str, float]:
-    """Parent-run metrics: each stage's headline test metrics, its size and latency, and the baseline."""
+    """Parent-run metrics: each stage's headline test metrics, its size and latency, and the majority-class floor."""
     # the majority-class accuracy, a floor for every stage (not under ``baseline/``: that is the architecture
     # baseline stage's prefix)
     summary = {"majority_class/test_acc": dm.majority_baseline_accuracy("test")}
