@@ -20,6 +20,7 @@ from lightning_modules.profiling import (
     count_parameters,
     measure_latency,
     model_latency,
+    state_dict_size_bytes,
 )
 
 log = logging.getLogger(__name__)
@@ -31,21 +32,21 @@ class ModelReport(Callback):
     Expects ``pl_module.net`` (the plain network) and ``pl_module.example_inputs(batch)``. If the
     datamodule has ``inference_inputs(path)`` and test image paths, the whole per-image path
     (decode, preprocess, topological features, network) is timed as ``pipeline/latency_ms_*``.
-    The weights are saved to ``<weights_dir>/model.pt``, the file whose size is reported.
+    ``model/size_bytes`` is what ``torch.save`` of the state dict weighs, measured in memory: the stage folder
+    already holds the network (checkpoint, ``network.pt``, deployment bundle), and a fourth copy of a base-64
+    network's weights only cost disk.
 
     A compression callback of the same trainer that produced a deployable file replaces the fp32 numbers
     (see :func:`deployed_report`): ``WeightSharing``'s packed file, or ``QuantizationAwareTraining``'s int8
     ONNX model and its ONNX Runtime latency.
     """
 
-    def __init__(self, latency_runs: int = 30, warmup_runs: int = 5, pipeline_runs: int = 10,
-                 weights_dir: str | None = None):
+    def __init__(self, latency_runs: int = 30, warmup_runs: int = 5, pipeline_runs: int = 10):
         if latency_runs < 1 or pipeline_runs < 0 or warmup_runs < 0:
             raise ValueError("latency_runs >= 1, warmup_runs >= 0, pipeline_runs >= 0")
         self.latency_runs = latency_runs
         self.warmup_runs = warmup_runs
         self.pipeline_runs = pipeline_runs
-        self.weights_dir = weights_dir
         self.report: dict[str, float] = {}
 
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -62,12 +63,8 @@ class ModelReport(Callback):
             "model/latency_ms_max": latency.max_ms,
             "model/fps": latency.fps,
             "model/threads": float(latency.threads),
+            "model/size_bytes": float(state_dict_size_bytes(net_cpu)),
         }
-        if self.weights_dir:
-            path = Path(self.weights_dir) / "model.pt"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(net_cpu.state_dict(), path)
-            report["model/size_bytes"] = float(path.stat().st_size)
         report |= self._pipeline_latency(trainer, net_cpu)
         report |= deployed_report(trainer.callbacks, inputs, report, runs=self.latency_runs, warmup=self.warmup_runs)
         net.to(device)

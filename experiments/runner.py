@@ -386,8 +386,10 @@ def fit_and_test_stage(
     if not best or test_final_weights:
         # fast_dev_run and runs without a checkpoint callback save nothing, and a stage whose deployable file
         # is written from its last epoch must be tested on that epoch's weights: keep the final weights.
+        # Weights only: last.ckpt already holds the training state, and the optimizer's moments would triple
+        # the file (and its MLflow copy).
         best = str(stage_dir / "checkpoints" / "final.ckpt")
-        trainer.save_checkpoint(best)
+        trainer.save_checkpoint(best, weights_only=True)
         tester.test(module, datamodule=datamodule)
     else:
         tester.test(module, datamodule=datamodule, ckpt_path=best)

@@ -4,7 +4,8 @@ distillation gain's paired bootstrap on hand-made predictions."""
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+import shutil
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -74,7 +75,7 @@ def _row(markdown: str, run_id: str) -> str:
 
 # ------------------------------------------------------------------------------ a store made by tiny runs
 @pytest.fixture(scope="module")
-def tiny_store(tmp_path_factory) -> Path:
+def tiny_store(tmp_path_factory) -> Iterator[Path]:
     """A project whose MLflow store holds a distilled dr-distill run (teacher, student, student_qat), a later
     student-only run on the same data, and a glaucoma chain with both arms and both finishers."""
     project = tmp_path_factory.mktemp("tiny_project")
@@ -86,7 +87,9 @@ def tiny_store(tmp_path_factory) -> Path:
         run_dr_distill(compose_config("train_dr", STUDENT_ONLY, runs / "student_only"))
         run_glaucoma_chain(compose_config("glaucoma_chain", CHAIN,
                                           project / "outputs" / "glaucoma-iterations" / "runs" / "chain"))
-    return project
+    yield project
+    # pytest keeps tmp_path_factory folders to the end of the session, and this one holds hundreds of MB
+    shutil.rmtree(project, ignore_errors=True)
 
 
 def _parents(client: MlflowClient, experiment: str) -> dict[str, object]:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
@@ -91,7 +93,7 @@ def _search(project: Path, *overrides: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def tiny_teacher(tmp_path_factory) -> Path:
+def tiny_teacher(tmp_path_factory) -> Iterator[Path]:
     """The folder of a finished tiny dr-distill teacher run: what distill.teacher_checkpoint names in a search."""
     project = tmp_path_factory.mktemp("teacher_project")
     with pytest.MonkeyPatch.context() as patch:
@@ -100,7 +102,9 @@ def tiny_teacher(tmp_path_factory) -> Path:
         run = project / "outputs" / "dr-distill" / "runs" / "teacher"
         run_dr_distill(compose_config("train_dr", ["debug=tiny", "stages=[teacher]"], run))
     assert RunState.load_or_create(run / "run_state.json", "").stage_done("teacher")
-    return run
+    yield run
+    # pytest keeps tmp_path_factory folders to the end of the session
+    shutil.rmtree(project, ignore_errors=True)
 
 
 @pytest.mark.timeout(1200)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from callbacks.classification_diagnostics import PREDICTIONS_FILE
 from experiments.train_dr import run_dr_distill
 from tests.experiments.helpers import (
     assert_shown_value_is_the_newest,
@@ -146,7 +147,7 @@ def test_retest_tests_finished_stages_again_without_training_them(project: Path)
     checkpoints = {s: Path(before["stages"][s]["checkpoint"]) for s in ("teacher", "student")}
     mtimes = {s: path.stat().st_mtime_ns for s, path in checkpoints.items()}
     for stage in checkpoints:  # a file today's callbacks write at test time, missing from the old run
-        (run_dir / stage / "model.pt").unlink()
+        (run_dir / stage / PREDICTIONS_FILE).unlink()
 
     run_dr_distill(compose_config("train_dr", [*TINY, "retest=true", f"resume={run_dir}"], project / "elsewhere"))
     after = json.loads(state_file.read_text())
@@ -154,7 +155,7 @@ def test_retest_tests_finished_stages_again_without_training_them(project: Path)
     client = mlflow_store(project)
     for stage, checkpoint in checkpoints.items():
         assert checkpoint.stat().st_mtime_ns == mtimes[stage]  # not trained again
-        assert (run_dir / stage / "model.pt").is_file()
+        assert (run_dir / stage / PREDICTIONS_FILE).is_file()
         # the same weights on the same split: the same test scores, logged a second time in the same run
         assert after["stages"][stage]["test"]["test/qwk"] == pytest.approx(before["stages"][stage]["test"]["test/qwk"])
         assert_shown_value_is_the_newest(client, after["child_run_ids"][stage], "model/latency_ms_median")
