@@ -3,6 +3,7 @@
     python -m experiments.report                       # the latest dr-distill and glaucoma-iterations runs
     python -m experiments.report report.runs=[<parent run id>,<parent run id>]
     python -m experiments.report report.student_without_teacher=<parent run id> report.bench=null
+    python -m experiments.report report.baselines=[<baseline parent run id>,...]   # or null: no such section
 
 Writes ``report.html`` (self-contained), ``report.md`` and its PNGs to ``outputs/report/<time>/`` (or
 ``report.output_dir``), logs them to a run of the MLflow experiment ``report`` named after the selected runs,
@@ -66,9 +67,12 @@ def log_report(client: MlflowClient, data: ReportData, files: Sequence[Path], ex
         if experiment.lifecycle_stage == "deleted":
             client.restore_experiment(experiment_id)
     commit, dirty = git_commit(project_root)
-    run = client.create_run(experiment_id, tags={
-        MLFLOW_RUN_NAME: report_run_name(data), MLFLOW_GIT_COMMIT: commit, "git_dirty": str(dirty).lower(),
-        "report.runs": ",".join(selected.parent.info.run_id for selected in data.selected)})
+    tags = {MLFLOW_RUN_NAME: report_run_name(data), MLFLOW_GIT_COMMIT: commit,
+            "git_dirty": str(dirty).lower(),
+            "report.runs": ",".join(selected.parent.info.run_id for selected in data.selected)}
+    if data.baselines is not None:
+        tags["report.baselines"] = ",".join(parent.info.run_id for parent in data.baselines.runs)
+    run = client.create_run(experiment_id, tags=tags)
     run_id = run.info.run_id
     status = "FAILED"
     try:
@@ -98,10 +102,12 @@ def run_report(cfg: DictConfig, output_dir: Path | None = None) -> dict[str, Pat
                           "your store).")
     client = MlflowClient(tracking_uri)
     bootstrap = BootstrapSettings(**OmegaConf.to_container(settings.bootstrap, resolve=True))
+    baselines = settings.get("baselines", "latest")
     data = collect_report(client, tracking_uri, ui_url=str(settings.ui_url), run_ids=_run_ids(settings.runs),
                           experiments=OmegaConf.to_container(settings.experiments, resolve=True),
                           bench=settings.bench, student_without_teacher=settings.student_without_teacher,
-                          bootstrap=bootstrap)
+                          bootstrap=bootstrap,
+                          baselines=_run_ids(baselines) if isinstance(baselines, ListConfig) else baselines)
     if settings.output_dir:
         output_dir = Path(str(settings.output_dir))
     elif output_dir is None:

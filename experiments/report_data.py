@@ -1,5 +1,6 @@
 """What ``make report`` shows, read from the MLflow store: the selected runs, their stage tables, the chain's
-liminal point, the bench's per-precision rows and the distillation gain with a paired bootstrap interval.
+liminal point, the bench's per-precision rows, the architecture baselines (experiment=dr_baselines) and the
+distillation gain with a paired bootstrap interval.
 
 Functions over an ``MlflowClient`` and pandas frames; ``experiments/report_render.py`` turns a
 :class:`ReportData` into HTML and Markdown, and ``experiments/report.py`` is the Hydra entry point.
@@ -7,8 +8,9 @@ Functions over an ``MlflowClient`` and pandas frames; ``experiments/report_rende
 Where the runs already logged a result it is read, not recomputed: the chain's ``summary/summary.csv`` (its
 cumulative train times) and liminal point (``experiments.chain_summary.liminal_points`` over that same table
 at the run's own ``chain.liminal_tolerance``, checked against the parent's ``liminal/<arm>_base`` metrics),
-the bench's ``bench/bench.csv`` and ``bench/pareto.png``. Only the distillation gain is new: it needs both
-students' per-image test predictions (``predictions/test_predictions.csv``).
+the bench's ``bench/bench.csv`` and ``bench/pareto.png``, the baselines' parent-run metrics ``baseline/*``.
+Only the distillation gain is new: it needs both students' per-image test predictions
+(``predictions/test_predictions.csv``).
 """
 
 from __future__ import annotations
@@ -41,8 +43,10 @@ PREDICTIONS_ARTIFACT = "predictions/test_predictions.csv"
 SPLITS_ARTIFACT = "run/splits.csv"
 SUMMARY_ARTIFACT = "summary/summary.csv"
 BENCH_CSV, BENCH_PARETO = "bench/bench.csv", "bench/pareto.png"
-#: the experiment names of the three entry points (their ``task_name``)
-DEFAULT_EXPERIMENTS = {DR: "dr-distill", GLAUCOMA: "glaucoma-iterations", "bench": "bench"}
+BASELINES = "baselines"
+#: the experiment names of the entry points (their ``task_name``); ``baselines``: experiment=dr_baselines
+DEFAULT_EXPERIMENTS = {DR: "dr-distill", GLAUCOMA: "glaucoma-iterations", "bench": "bench",
+                       BASELINES: "dr-baselines"}
 #: the make target of each pipeline, for the messages that say what to run
 MAKE_TARGETS = {DR: "make dr-distill", GLAUCOMA: "make glaucoma-iterations"}
 #: the default experiment of dr-distill, whose no-teacher twin is experiment=dr_student_only
@@ -134,6 +138,18 @@ class DistillationGain:
 
 
 @dataclass
+class BaselineSweep:
+    """The architecture baselines the report shows (experiment=dr_baselines): one parent run per backbone."""
+
+    table: pd.DataFrame  # BASELINE_TABLE_COLUMNS, one row per parent run, best test QWK first
+    runs: list[Run]  # the parent runs, in the table's order
+    commands: list[str]  # the make command of each sweep the runs come from (one, unless named by id)
+    majority_accuracy: list[float]  # the majority-class test accuracy of each distinct test split: the floor
+    students: pd.DataFrame  # the distilled students of the selected dr-distill runs, for scale (same columns)
+    explicit: bool  # named by report.baselines, not the latest sweep
+
+
+@dataclass
 class ReportData:
     """Everything the report shows."""
 
@@ -147,6 +163,7 @@ class ReportData:
     gains: list[DistillationGain]
     ui_url: str
     bootstrap: BootstrapSettings
+    baselines: BaselineSweep | None = None
 
 
 # ----------------------------------------------------------------------------------------------- the store
@@ -420,6 +437,200 @@ def bench_result(client: MlflowClient, run: Run, workdir: Path) -> BenchResult |
     return BenchResult(run, table, png.read_bytes() if png is not None else None, note)
 
 
+# ----------------------------------------------------------------------------------- architecture baselines
+#: the config group experiment=dr_baselines sweeps over: one value (a backbone) per job
+BASELINE_GROUP = "model/baseline"
+#: the parent-run metric of each column of the baseline table (train_dr's summary: stage ``baseline``)
+BASELINE_METRICS = {"qwk": "test/qwk", "acc": "test/acc", "f1_macro": "test/f1_macro", "ece": "test/ece",
+                    "params": "model/params", "macs": "model/macs", "size_bytes": "model/size_bytes",
+                    "latency_ms": "model/latency_ms_median",
+                    "pipeline_latency_ms": "pipeline/latency_ms_median"}
+#: the majority-class test accuracy; runs made before it moved out of ``baseline/`` logged the second key
+MAJORITY_METRICS = ("majority_class/test_acc", "baseline/majority_acc")
+BASELINE_TABLE_COLUMNS = ["parent_id", "choice", "backbone", "pretrained", *BASELINE_METRICS, "majority_acc",
+                          "data_fingerprint", "run_id"]
+_NO_VALUE = {"", "None", "none", "null"}
+
+
+def baseline_setting(value: str | Sequence[str] | None) -> str | list[str] | None:
+    """``report.baselines`` normalised: None (no section), ``"latest"``, or a list of run ids (a list, or one
+    string of ids separated by commas or spaces)."""
+    if value is None:
+        return None
+    items = [str(item).strip() for item in ([value] if isinstance(value, str) else value)]
+    ids = [part for item in items for part in item.replace(",", " ").split()]
+    if not ids or (len(ids) == 1 and ids[0].lower() in {"null", "none"}):
+        return None
+    return "latest" if ids == ["latest"] else ids
+
+
+def is_baseline_run(run: Run) -> bool:
+    """Whether a parent run trained an architecture baseline (it logged the ``model.baseline`` config)."""
+    return run.data.params.get("model.baseline.backbone", "None") not in _NO_VALUE
+
+
+def _override_items(overrides: str) -> list[str]:
+    """The ``overrides`` tag (standard_tags: the command-line overrides joined by spaces) as a list."""
+    return [item for item in overrides.split() if item != "(none)"]
+
+
+def _is_baseline_choice(item: str) -> bool:
+    """``model/baseline=...``, also as ``+model/baseline=`` / ``++model/baseline=`` (adding the group)."""
+    return item.split("=", 1)[0].lstrip("+") == BASELINE_GROUP
+
+
+def baseline_sweep_overrides(parent: Run) -> list[str]:
+    """The run's overrides without its backbone choice: what every job of its sweep shares."""
+    return [item for item in _override_items(parent.data.tags.get("overrides", "")) if not
+            _is_baseline_choice(item)]
+
+
+def baseline_sweep_key(parent: Run) -> tuple[str | None, frozenset[str]]:
+    """(data fingerprint, the overrides without the backbone choice as a set): equal for the jobs of one sweep
+    and for a rerun of one of its backbones, whatever order the overrides were typed in."""
+    return parent.data.tags.get("data_fingerprint"), frozenset(baseline_sweep_overrides(parent))
+
+
+def backbone_label(params: Mapping[str, str], prefix: str = "model.baseline.") -> str:
+    """The timm backbone of a run's params, with ConvNeXt's depthwise kernel: ``convnext_tiny k=5``."""
+    label = params.get(f"{prefix}backbone", params.get("backbone", ""))
+    kernel = params.get(f"{prefix}backbone_kwargs.kernel_sizes")
+    return label if kernel in _NO_VALUE or kernel is None else f"{label} k={kernel}"
+
+
+def pretrained_label(params: Mapping[str, str], prefix: str = "model.baseline.") -> str:
+    """Where the backbone's initial weights came from: ``none`` (random), ``hub``, ``lite`` or a local file
+    (``pretrained_path`` takes precedence, as in ``create_backbone``)."""
+    path = params.get(f"{prefix}pretrained_path", params.get("pretrained_path", "None"))
+    if path not in _NO_VALUE:
+        return f"file {Path(path).name}"
+    return params.get(f"{prefix}pretrained", params.get("pretrained", ""))
+
+
+def baseline_choice(parent: Run) -> str:
+    """The backbone choice of a sweep job: its ``model/baseline`` override, else (a single run of the
+    experiment's default) the backbone it trained."""
+    for item in _override_items(parent.data.tags.get("overrides", "")):
+        if _is_baseline_choice(item) and "=" in item:
+            return item.split("=", 1)[1]
+    return backbone_label(parent.data.params)
+
+
+def latest_baseline_sweep(client: MlflowClient, experiment_name: str) -> list[Run]:
+    """The newest sweep of the experiment: its newest FINISHED baseline parent run defines the sweep
+    (:func:`baseline_sweep_key`), and each backbone choice contributes its newest FINISHED run of that sweep
+    (a rerun of one backbone replaces its older run; sweeps on other data or settings are left out). Newest
+    first; empty when the experiment has no finished baseline run."""
+    parents = [run for run in latest_parent_runs(client, experiment_name) if is_baseline_run(run)]
+    if not parents:
+        return []
+    key = baseline_sweep_key(parents[0])
+    newest: dict[str, Run] = {}
+    for parent in parents:
+        if baseline_sweep_key(parent) == key:
+            newest.setdefault(baseline_choice(parent), parent)
+    return list(newest.values())
+
+
+def explicit_baseline_runs(client: MlflowClient, run_ids: Sequence[str], tracking_uri: str) -> list[Run]:
+    """The parent runs named by ``report.baselines`` (a stage's child run stands for its parent), in order.
+
+    Raises:
+        NoRunsError: an id not in the store, or a run that trained no architecture baseline.
+    """
+    option = "report.baselines"
+    runs, seen = [], set()
+    for run_id in run_ids:
+        parent = _parent_of(client, _get_run(client, run_id, option, tracking_uri), option, tracking_uri)
+        if not is_baseline_run(parent):
+            experiment = client.get_experiment(parent.info.experiment_id).name
+            raise NoRunsError(
+                f"{option}: run {parent.info.run_id} ({parent.info.run_name!r}, experiment {experiment!r}) "
+                "trained no architecture baseline (it has no model.baseline.backbone param): name parent "
+                "runs of `make dr-distill ARGS=\"experiment=dr_baselines\"`, or report.baselines=latest")
+        if parent.info.run_id not in seen:
+            seen.add(parent.info.run_id)
+            runs.append(parent)
+    return runs
+
+
+def _first_metric(run: Run, keys: Sequence[str]) -> float:
+    return next((_metric(run, key) for key in keys if key in run.data.metrics), math.nan)
+
+
+def baseline_table(runs: Sequence[Run], ui_url: str) -> pd.DataFrame:
+    """One row per baseline parent run (its ``baseline/*`` metrics), best test QWK first (runs without one
+    last, ties in the given order)."""
+    rows = [{
+        "parent_id": run.info.run_id, "choice": baseline_choice(run),
+        "backbone": backbone_label(run.data.params), "pretrained": pretrained_label(run.data.params),
+        **{column: _metric(run, f"baseline/{key}") for column, key in BASELINE_METRICS.items()},
+        "majority_acc": _first_metric(run, MAJORITY_METRICS),
+        "data_fingerprint": run.data.tags.get("data_fingerprint", ""), "run_id": run_link(ui_url, run),
+    } for run in runs]
+    table = pd.DataFrame(rows, columns=BASELINE_TABLE_COLUMNS)
+    return table.sort_values("qwk", ascending=False, na_position="last", kind="stable").reset_index(drop=True)
+
+
+def distilled_student_rows(selected: Sequence[SelectedRun], ui_url: str,
+                           fingerprints: Sequence[str]) -> pd.DataFrame:
+    """The student of each selected dr-distill run that learned from a teacher, as rows of the baseline
+    table (its child run's ``test/*`` and ``model/*`` metrics), for scale. The ``backbone`` cell marks it,
+    and says so when it was trained on other data than the baselines (``fingerprints``)."""
+    rows = []
+    for run in (s for s in selected if s.kind == DR):
+        student = run.child("student")
+        if student is None or not student_distills(student.data.params):
+            continue
+        fingerprint = run.parent.data.tags.get("data_fingerprint", "")
+        mark = "student (distilled)" if fingerprint in fingerprints else "student (distilled, other data)"
+        backbone = backbone_label(student.data.params, "model.student.")
+        rows.append({
+            "parent_id": run.parent.info.run_id, "choice": "",
+            "backbone": f"{mark}: {backbone}" if backbone else mark,
+            "pretrained": pretrained_label(student.data.params, "model.student."),
+            **{column: _metric(student, key) for column, key in BASELINE_METRICS.items()},
+            "majority_acc": _first_metric(run.parent, MAJORITY_METRICS), "data_fingerprint": fingerprint,
+            "run_id": run_link(ui_url, student),
+        })
+    return pd.DataFrame(rows, columns=BASELINE_TABLE_COLUMNS)
+
+
+def baseline_rerun_command(parent: Run) -> str:
+    """The make command that runs the parent's sweep again (every backbone of experiment=dr_baselines)."""
+    return f'make dr-distill ARGS="{" ".join(baseline_sweep_overrides(parent)) or "experiment=dr_baselines"}"'
+
+
+def baseline_sweep(client: MlflowClient, setting: str | Sequence[str] | None, experiment_name: str,
+                   tracking_uri: str, selected: Sequence[SelectedRun] = (),
+                   ui_url: str = "") -> BaselineSweep | None:
+    """The baseline runs of ``report.baselines`` (see :func:`baseline_setting`): None for no section, and
+    for ``latest`` when the store holds no finished baseline run (the section is optional).
+
+    Raises:
+        NoRunsError: an explicit id that is not in the store or not a baseline run.
+    """
+    setting = baseline_setting(setting)
+    if setting is None:
+        return None
+    explicit = setting != "latest"
+    runs = explicit_baseline_runs(client, setting, tracking_uri) if explicit else latest_baseline_sweep(
+        client, experiment_name)
+    if not runs:
+        return None
+    table = baseline_table(runs, ui_url)
+    by_id = {run.info.run_id: run for run in runs}
+    ordered = [by_id[run_id] for run_id in table["parent_id"]]
+    # each sweep's newest run, newest sweep first: its command keeps the overrides' order of that invocation
+    sweeps: dict[tuple[str | None, frozenset[str]], Run] = {}
+    for run in sorted(runs, key=lambda r: r.info.start_time, reverse=True):
+        sweeps.setdefault(baseline_sweep_key(run), run)
+    commands = list(dict.fromkeys(baseline_rerun_command(run) for run in sweeps.values()))
+    majority = sorted({value for value in table["majority_acc"] if not math.isnan(value)})
+    students = distilled_student_rows(selected, ui_url, list(table["data_fingerprint"]))
+    return BaselineSweep(table, ordered, commands, majority, students, explicit)
+
+
 # ------------------------------------------------------------------------------------ distillation gain
 def grading_scores(truth: np.ndarray, predicted: np.ndarray, num_classes: int) -> np.ndarray:
     """[QWK, accuracy, macro F1] of one student's grades (the order of ``GAIN_METRICS``)."""
@@ -634,8 +845,10 @@ def distillation_gain(client: MlflowClient, distilled: SelectedRun, explicit: st
 def collect_report(client: MlflowClient, tracking_uri: str, *, ui_url: str, run_ids: Sequence[str] = (),
                    experiments: Mapping[str, str] | None = None, bench: str | None = "latest",
                    student_without_teacher: str | None = None,
-                   bootstrap: BootstrapSettings | None = None) -> ReportData:
-    """Select the runs and read everything the report shows (see the module docstring).
+                   bootstrap: BootstrapSettings | None = None,
+                   baselines: str | Sequence[str] | None = "latest") -> ReportData:
+    """Select the runs and read everything the report shows (see the module docstring). ``baselines``: the
+    architecture baselines' section (:func:`baseline_sweep`).
 
     Raises:
         NoRunsError: no run to report on, or a run id that is not in the store.
@@ -666,7 +879,11 @@ def collect_report(client: MlflowClient, tracking_uri: str, *, ui_url: str, run_
                 continue
             gains.append(distillation_gain(client, run, student_without_teacher, bootstrap, tracking_uri,
                                            workdir))
+    sweep = baseline_sweep(client, baselines, experiments[BASELINES], tracking_uri, selected, ui_url)
+    notes += [f"Baseline run {run.info.run_name} ({run.info.run_id}) is {run.info.status}, not FINISHED: its "
+              "numbers may be incomplete." for run in (sweep.runs if sweep else [])
+              if run.info.status != "FINISHED"]
     return ReportData(
         tracking_uri=tracking_uri, selected=selected, notes=notes, dr_table=dr_table(selected, ui_url),
         glaucoma_table=mark_liminal(glaucoma_table(selected, ui_url, summaries), liminal), liminal=liminal,
-        bench=bench_rows, gains=gains, ui_url=ui_url, bootstrap=bootstrap)
+        bench=bench_rows, gains=gains, ui_url=ui_url, bootstrap=bootstrap, baselines=sweep)

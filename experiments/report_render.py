@@ -20,7 +20,15 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from compression.benchmark import pareto_front
-from experiments.report_data import DR, GLAUCOMA, DistillationGain, Link, ReportData, run_link
+from experiments.report_data import (
+    DR,
+    GLAUCOMA,
+    BaselineSweep,
+    DistillationGain,
+    Link,
+    ReportData,
+    run_link,
+)
 
 PARETO_FILE, BENCH_PARETO_FILE = "pareto.png", "bench_pareto.png"
 REPORT_HTML, REPORT_MD = "report.html", "report.md"
@@ -40,6 +48,10 @@ GLAUCOMA_COLUMNS = {"run": "run", "stage": "stage", "arm": "arm", "base": "base"
 LIMINAL_COLUMNS = {"arm": "arm", "stage": "stage", "base": "base", "dice": "test Dice",
                    "edge_case_detection": "edge-case detection", "latency_ms": "latency ms",
                    "size_bytes": "size MB"}
+BASELINE_COLUMNS = {"backbone": "backbone", "pretrained": "pretrained", "qwk": "test QWK", "acc": "test acc",
+                    "f1_macro": "test macro F1", "ece": "test ECE", "params": "params", "macs": "MMACs",
+                    "size_bytes": "size MB", "latency_ms": "latency ms", "pipeline_latency_ms": "pipeline ms",
+                    "run_id": "run id"}
 BENCH_COLUMNS = {"pipeline": "pipeline", "model": "model", "backend": "backend", "precision": "precision",
                  "params": "params", "file_bytes": "file MB", "latency_ms_median": "median ms",
                  "latency_vs_fp32": "vs fp32", "latency_vs_reference": "vs reference",
@@ -324,17 +336,68 @@ LIMINAL_TEXT = ("The smallest base whose test Dice stays within {tolerance:.0%} 
                 "(any).")
 PARETO_TEXT = ("Each stage's test quality against its batch-1 latency and its deployed file size; the dashed "
                "line is the Pareto front (no other stage is both faster or smaller and better).")
+BASELINE_TEXT = ("One row per backbone of the architecture-baseline sweep (experiment=dr_baselines, the "
+                 "comparison behind the student's design), best test QWK first: each a plain timm "
+                 "classifier trained alone, without a teacher, with the student's data, loss "
+                 "(class-weighted cross-entropy and rotation consistency) and schedule. Latency: batch-1 CPU "
+                 "median of the network; pipeline: one image file from decoding to grade.")
 GAIN_TEXT = ("The student that learned from the teacher against the same student trained without one "
              "(experiment=dr_student_only), on the same test split.")
 
 
+def baseline_rows(sweep: BaselineSweep) -> pd.DataFrame:
+    """The baselines and the distilled students in one table, best test QWK first (the students ranked among
+    the baselines, for scale; their ``backbone`` cell marks them)."""
+    frames = [frame for frame in (sweep.table, sweep.students) if not frame.empty]
+    table = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+    return table.sort_values("qwk", ascending=False, na_position="last", kind="stable").reset_index(drop=True)
+
+
+def _baseline_section(sweep: BaselineSweep, data: ReportData) -> Section:
+    chosen = ("The runs named by `report.baselines`." if sweep.explicit else
+              "The latest sweep: the newest finished run of each backbone with the same data "
+              f"(data_fingerprint {sweep.table['data_fingerprint'].iloc[0]}) and overrides as the newest "
+              "baseline run; a rerun of one backbone replaces its older run.")
+    paragraphs: list[str | list[Part]] = [f"{BASELINE_TEXT} {chosen}"]
+    floors = ", ".join(format_number(value) for value in sweep.majority_accuracy)
+    if len(sweep.majority_accuracy) == 1:
+        paragraphs.append(f"Majority-class floor: always predicting the test split's most frequent grade "
+                          f"scores test accuracy {floors} (and QWK 0).")
+    elif sweep.majority_accuracy:
+        paragraphs.append(f"Majority-class floor (always the most frequent grade): test accuracy {floors} on "
+                          "these runs' different test splits.")
+    if not sweep.students.empty:
+        owners = [selected.name for selected in data.selected
+                  if selected.parent.info.run_id in set(sweep.students["parent_id"])]
+        marked = "row marked \"student (distilled)\" is the student" if len(owners) == 1 else \
+            "rows marked \"student (distilled)\" are the students"
+        paragraphs.append(
+            f"For scale, not part of the sweep: the {marked} of {', '.join(owners)} (test metrics of its "
+            "student run), which learned from the teacher; \"other data\" marks a student trained and tested "
+            "on other data than the baselines.")
+    if len(sweep.commands) == 1:
+        paragraphs.append(f"Rerun the sweep (every backbone): `{sweep.commands[0]}`.")
+    else:
+        paragraphs.append(f"These runs come from {len(sweep.commands)} sweeps with other data or overrides: "
+                          "compare them with care. Rerun them with "
+                          f"{' and '.join(f'`{command}`' for command in sweep.commands)}.")
+    rows = baseline_rows(sweep)
+    columns = dict(BASELINE_COLUMNS)
+    if rows["data_fingerprint"].nunique() > 1:  # rows on other data: say which, beside each run's id
+        columns = {**{k: t for k, t in columns.items() if k != "run_id"},
+                   "data_fingerprint": "data fingerprint", "run_id": "run id"}
+    return Section("Architecture baselines", paragraphs, table=display_table(rows, columns))
+
+
 def build_sections(data: ReportData, pareto_file: str | None, bench_pareto_file: str | None) -> list[Section]:
-    """The report's sections in order: runs, DR table, chain table, liminal points, Pareto figure,
-    distillation gain, bench."""
+    """The report's sections in order: runs, DR table, architecture baselines, chain table, liminal points,
+    Pareto figure, distillation gain, bench."""
     sections = [_runs_section(data)]
     if not data.dr_table.empty:
         sections.append(Section("Diabetic retinopathy grading (dr-distill)", [DR_TEXT],
                                 table=display_table(data.dr_table, _columns(data, DR, DR_COLUMNS))))
+    if data.baselines is not None:
+        sections.append(_baseline_section(data.baselines, data))
     if not data.glaucoma_table.empty:
         table = display_table(data.glaucoma_table, _columns(data, GLAUCOMA, GLAUCOMA_COLUMNS))
         sections.append(Section("Optic-disc segmentation (glaucoma-iterations)", [GLAUCOMA_TEXT],

@@ -1,5 +1,5 @@
-"""``make report`` in process: from a store made by real tiny runs, from a hand-made store, and the
-distillation gain's paired bootstrap on hand-made predictions."""
+"""``make report`` in process: from a store made by real tiny runs, from a hand-made store, the architecture
+baselines' selection, and the distillation gain's paired bootstrap on hand-made predictions."""
 
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ from experiments.report import run_report
 from experiments.report_data import (
     BootstrapSettings,
     NoRunsError,
+    baseline_setting,
+    baseline_sweep,
     pair_predictions,
     paired_bootstrap_gain,
     student_only_command,
@@ -43,6 +45,8 @@ CHAIN = [*NO_EXTRAS, "debug=tiny", "chain.bases=[16,8]", "chain.finishers=[qat,s
          # a comparison stage (as experiment=disc_transformer adds): a row without a base, never a liminal point
          "+model/segmenter@model.compare.transformer=transformer", "chain.compare=[transformer]"]
 CHAIN_STAGES = ["base-16", "prune-8", "kd-8", "compare-transformer", "qat-prune-8", "share-prune-8"]
+#: one job of the architecture-baseline sweep, as its multirun would launch it
+BASELINE = [*NO_EXTRAS, "experiment=dr_baselines", "debug=tiny", "model/baseline=efficientnet_b0"]
 FEW_RESAMPLES = "report.bootstrap.n_resamples=200"
 
 
@@ -77,7 +81,8 @@ def _row(markdown: str, run_id: str) -> str:
 @pytest.fixture(scope="module")
 def tiny_store(tmp_path_factory) -> Iterator[Path]:
     """A project whose MLflow store holds a distilled dr-distill run (teacher, student, student_qat), a later
-    student-only run on the same data, and a glaucoma chain with both arms and both finishers."""
+    student-only run on the same data, a glaucoma chain with both arms and both finishers, and one job of the
+    architecture-baseline sweep."""
     project = tmp_path_factory.mktemp("tiny_project")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("PROJECT_ROOT", str(project))
@@ -87,6 +92,8 @@ def tiny_store(tmp_path_factory) -> Iterator[Path]:
         run_dr_distill(compose_config("train_dr", STUDENT_ONLY, runs / "student_only"))
         run_glaucoma_chain(compose_config("glaucoma_chain", CHAIN,
                                           project / "outputs" / "glaucoma-iterations" / "runs" / "chain"))
+        run_dr_distill(compose_config("train_dr", BASELINE,
+                                      project / "outputs" / "dr-baselines" / "multiruns" / "0"))
     yield project
     # pytest keeps tmp_path_factory folders to the end of the session, and this one holds hundreds of MB
     shutil.rmtree(project, ignore_errors=True)
@@ -132,6 +139,18 @@ def test_report_of_tiny_runs_has_a_row_for_every_stage_run(tiny_store: Path, mon
     assert re.match(r"\| compare-transformer +\| compare +\| +\| fp32 ", compare_row), compare_row
     qwk = dr_children["student"].data.metrics["test/qwk"]
     assert f"| {format_number(qwk)} " in _row(dr_section, dr_children["student"].info.run_id)
+
+    # the baseline job: a row of the architecture baselines, beside the distilled student for scale
+    (baseline,) = _parents(client, "dr-baselines").values()
+    assert set(_children(client, baseline)) == {"baseline"}
+    baselines = _section(markdown, "Architecture baselines")
+    row = _row(baselines, baseline.info.run_id)
+    assert re.match(r"\| efficientnet_b0 +\| none +\| ", row), row
+    assert f"| {format_number(baseline.data.metrics['baseline/test/qwk'])} " in row
+    assert f"| {format_number(baseline.data.metrics['baseline/model/params'])} " in row
+    assert _row(baselines, dr_children["student"].info.run_id).startswith("| student (distilled): ")
+    shared = " ".join(o for o in BASELINE if not o.startswith("model/baseline="))
+    assert f'Rerun the sweep (every backbone): `make dr-distill ARGS="{shared}"`' in baselines
 
     # the chain's own liminal verdict: the base it logged, for every arm
     liminal = _section(markdown, f"Liminal point of {chain.info.run_name}")
@@ -231,6 +250,20 @@ def _splits(test_ids: list[str]) -> pd.DataFrame:
                          "label": 0, "split": ["test"] * len(test_ids) + ["train", "train"], "path": "x"})
 
 
+#: the timm backbone of each model/baseline choice (experiments/conf/model/baseline/)
+BASELINE_BACKBONES = {"efficientnet_b0": "efficientnet_b0", "resnet50": "resnet50",
+                      "resnext50_32x4d": "resnext50_32x4d", "convnext_k5": "convnext_tiny",
+                      "convnext_k7": "convnext_tiny"}
+#: short names of the metrics a baseline run logs (under ``baseline/`` on its parent)
+BASELINE_KEYS = {"qwk": "test/qwk", "acc": "test/acc", "f1": "test/f1_macro", "ece": "test/ece",
+                 "params": "model/params", "macs": "model/macs", "size": "model/size_bytes",
+                 "latency": "model/latency_ms_median", "pipeline": "pipeline/latency_ms_median"}
+#: the sweeps of the hand-made store's baseline experiment
+OLD_SWEEP, SWEEP = "experiment=dr_baselines data=eyepacs", "experiment=dr_baselines debug=smoke"
+CONVNEXT_K5 = {"qwk": 0.55, "acc": 0.625, "f1": 0.5, "ece": 0.125, "params": 27_664_997, "macs": 808_770_048,
+               "size": 110_715_675, "latency": 40.5, "pipeline": 42.25, "majority": 0.4}
+
+
 class _Store:
     """Writes runs into an MLflow store the way the entry points leave them."""
 
@@ -245,7 +278,7 @@ class _Store:
 
     def run(self, experiment: str, name: str, parent=None, tags: Mapping[str, str] | None = None,
             params: Mapping[str, str] | None = None, metrics: Mapping[str, float] | None = None,
-            artifacts: Mapping[str, pd.DataFrame] | None = None):
+            artifacts: Mapping[str, pd.DataFrame] | None = None, status: str = "FINISHED"):
         self.clock += 1000  # distinct start times: "latest" must not depend on creation speed
         all_tags = {MLFLOW_RUN_NAME: name, **(tags or {})}
         if parent is not None:
@@ -260,8 +293,30 @@ class _Store:
             local.parent.mkdir(parents=True, exist_ok=True)
             frame.to_csv(local, index=False)
             self.client.log_artifact(run_id, str(local), artifact_path=str(Path(path).parent))
-        self.client.set_terminated(run_id, "FINISHED")
+        if status != "RUNNING":
+            self.client.set_terminated(run_id, status)
         return self.client.get_run(run_id)
+
+    def baseline_run(self, experiment: str, choice: str, fingerprint: str, shared: str,
+                     metrics: Mapping[str, float], pretrained_path: str = "None", status: str = "FINISHED"):
+        """A job of experiment=dr_baselines: the parent (``baseline/*`` metrics, the majority-class floor) and
+        its ``baseline`` child. ``shared``: the sweep's overrides, after the job's ``model/baseline=choice``
+        (a ``+`` in ``choice`` is kept, as Hydra records it)."""
+        overrides = f"model/baseline={choice} {shared}" if "=" not in choice else f"{choice} {shared}"
+        choice = choice.split("=")[-1]
+        tags = {"overrides": overrides, "data_fingerprint": fingerprint, "synthetic_data": "true"}
+        params = {"model.baseline.backbone": BASELINE_BACKBONES[choice], "model.baseline.pretrained": "none",
+                  "model.baseline.pretrained_path": pretrained_path}
+        if choice.startswith("convnext_k"):
+            params["model.baseline.backbone_kwargs.kernel_sizes"] = choice.removeprefix("convnext_k")
+        parent_metrics = {f"baseline/{BASELINE_KEYS[k]}": v for k, v in metrics.items() if k != "majority"}
+        if "majority" in metrics:
+            parent_metrics["majority_class/test_acc"] = metrics["majority"]
+        name = f"dr-baselines[{','.join(sorted(overrides.split()))}]"
+        parent = self.run(experiment, name, tags=tags, params=params, metrics=parent_metrics, status=status)
+        child_metrics = {BASELINE_KEYS[k]: v for k, v in metrics.items() if k != "majority"}
+        self.run(experiment, "baseline", parent, tags, params, child_metrics, status=status)
+        return parent
 
     def dr_run(self, experiment: str, name: str, fingerprint: str, distilled: bool,
                predictions: pd.DataFrame | None, test_ids: list[str]):
@@ -271,7 +326,8 @@ class _Store:
         if distilled:
             self.run(experiment, "teacher", parent, tags, metrics={"test/qwk": 0.5, "model/params": 1000})
         params = {"teacher_checkpoint": "/t/best.ckpt" if distilled else "None",
-                  "alpha_start": 0.2 if distilled else 0.0, "alpha_end": 0.8 if distilled else 0.0}
+                  "alpha_start": 0.2 if distilled else 0.0, "alpha_end": 0.8 if distilled else 0.0,
+                  "model.student.backbone": "tf_efficientnet_lite0", "model.student.pretrained": "lite"}
         artifacts = {"run/splits.csv": _splits(test_ids)}
         if predictions is not None:
             artifacts["predictions/test_predictions.csv"] = predictions
@@ -284,7 +340,7 @@ class _Store:
 def hand_made_store(tmp_path_factory) -> dict[str, object]:
     """``dr-paired``: a distilled run right on every test image and a student-only run off by one grade on
     every image, same data and split; ``dr-lonely``: a distilled run whose only student-only run used other
-    data; ``bench-hand``: a make-bench run."""
+    data; ``bench-hand``: a make-bench run; ``dr-baselines-hand``: two sweeps of architecture baselines."""
     project = tmp_path_factory.mktemp("hand_made_project")
     store = _Store(project)
     ids = [f"img{i:03d}.png" for i in range(len(GRADES))]
@@ -307,6 +363,26 @@ def hand_made_store(tmp_path_factory) -> dict[str, object]:
                           "quality_delta": [0.0, -0.01], "agreement": [1.0, 0.95], "error": ""})
     runs["bench"] = store.run(store.experiment("bench-hand"), "bench",
                               tags={"dr_source": "trained: somewhere"}, artifacts={"bench/bench.csv": bench})
+    # architecture baselines, oldest first: a sweep on other data (fp0), then the sweep on the distilled
+    # run's data (fp1) with a job of another setting in between, a rerun of resnet50 (the overrides in
+    # another order, the group added with +), and the newest of all still running on a third data set
+    baselines = runs["baselines_experiment"] = store.experiment("dr-baselines-hand")
+    runs["old_efficientnet"] = store.baseline_run(baselines, "efficientnet_b0", "fp0", OLD_SWEEP,
+                                                  {"qwk": 0.7, "majority": 0.5})
+    runs["old_resnet"] = store.baseline_run(baselines, "resnet50", "fp0", OLD_SWEEP,
+                                            {"qwk": 0.65, "majority": 0.5})
+    runs["efficientnet"] = store.baseline_run(baselines, "efficientnet_b0", "fp1", SWEEP,
+                                              {"qwk": 0.3, "params": 4_013_953, "majority": 0.4})
+    runs["first_resnet"] = store.baseline_run(baselines, "resnet50", "fp1", SWEEP,
+                                              {"qwk": 0.1, "majority": 0.4})
+    runs["convnext"] = store.baseline_run(baselines, "convnext_k5", "fp1", SWEEP, CONVNEXT_K5)
+    runs["longer"] = store.baseline_run(baselines, "resnext50_32x4d", "fp1", f"{SWEEP} trainer.max_epochs=9",
+                                        {"qwk": 0.8, "majority": 0.4})
+    runs["resnet"] = store.baseline_run(baselines, "+model/baseline=resnet50", "fp1",
+                                        "debug=smoke experiment=dr_baselines", {"qwk": 0.42, "majority": 0.4},
+                                        pretrained_path="/weights/resnet50_a1.pth")
+    runs["running"] = store.baseline_run(baselines, "convnext_k7", "fp2", SWEEP, {"qwk": 0.9},
+                                         status="RUNNING")
     return runs
 
 
@@ -331,6 +407,8 @@ def test_gain_through_the_store_on_hand_made_predictions(hand_made_store, monkey
     # the hand-made store has no chain: the report says so instead of failing
     assert "No finished no-chain-here run in the store: run `make glaucoma-iterations`" in markdown
     assert "Optic-disc segmentation" not in page
+    # nor an experiment dr-baselines: no baselines section, and no note (it is optional)
+    assert "Architecture baselines" not in page and "baseline" not in _section(markdown, "Selected runs")
     # the bench section: its rows with their precision
     bench = _section(markdown, "CPU inference backends (make bench)")
     assert hand_made_store["bench"].info.run_id in bench and "| int8 (ONNX Runtime) " in bench
@@ -398,3 +476,102 @@ def test_pairing_refuses_other_images_or_other_labels():
 ])
 def test_the_student_only_command_keeps_the_distilled_runs_settings(overrides: str, command: str):
     assert student_only_command(overrides) == command
+
+
+# ------------------------------------------------------------------------------- architecture baselines
+def _baselines(store: Mapping[str, object], setting, experiment: str = "dr-baselines-hand"):
+    client = mlflow_store(store["project"])
+    return baseline_sweep(client, setting, experiment, "the hand-made store", ui_url="http://ui")
+
+
+def _ids(*runs) -> list[str]:
+    return [run.info.run_id for run in runs]
+
+
+def test_latest_baselines_are_the_newest_sweep_one_run_per_backbone(hand_made_store):
+    sweep = _baselines(hand_made_store, "latest")
+    # the newest finished run fixes the sweep (fp1, its overrides without the backbone choice): the resnet50
+    # rerun replaces the first resnet50 run; the sweep on fp0, the job with another setting and the running
+    # job are left out; best test QWK first
+    assert list(sweep.table["parent_id"]) == _ids(*(hand_made_store[k] for k in ("convnext", "resnet",
+                                                                                  "efficientnet")))
+    assert _ids(*sweep.runs) == list(sweep.table["parent_id"]) and not sweep.explicit
+    assert list(sweep.table["qwk"]) == [0.55, 0.42, 0.3]
+    assert list(sweep.table["choice"]) == ["convnext_k5", "resnet50", "efficientnet_b0"]
+    assert list(sweep.table["backbone"]) == ["convnext_tiny k=5", "resnet50", "efficientnet_b0"]
+    assert list(sweep.table["pretrained"]) == ["none", "file resnet50_a1.pth", "none"]
+    # the command of the sweep's newest invocation, in the order it was typed, without the backbone choice
+    assert sweep.commands == ['make dr-distill ARGS="debug=smoke experiment=dr_baselines"']
+    assert sweep.majority_accuracy == [0.4]
+    assert sweep.students.empty  # no dr-distill run was selected
+
+
+def test_explicit_baselines_are_exactly_the_named_runs(hand_made_store):
+    old, convnext = hand_made_store["old_resnet"], hand_made_store["convnext"]
+    child = _children(mlflow_store(hand_made_store["project"]), convnext)["baseline"]
+    # a stage's run stands for its parent; one string of ids separated by a comma and spaces
+    sweep = _baselines(hand_made_store, f"{child.info.run_id}, {old.info.run_id} {convnext.info.run_id}")
+    assert sweep.explicit and list(sweep.table["parent_id"]) == _ids(old, convnext)  # 0.65 before 0.55
+    # two sweeps (other data): a command and a majority-class floor each, the newer sweep first
+    assert sweep.commands == ['make dr-distill ARGS="experiment=dr_baselines debug=smoke"',
+                              'make dr-distill ARGS="experiment=dr_baselines data=eyepacs"']
+    assert sweep.majority_accuracy == [0.4, 0.5]
+    # a running run is shown when named (collect_report adds a note that it is not finished)
+    running = _baselines(hand_made_store, [hand_made_store["running"].info.run_id])
+    assert list(running.table["qwk"]) == [0.9] and running.runs[0].info.status == "RUNNING"
+
+
+def test_unknown_or_non_baseline_ids_are_errors_and_no_baselines_no_section(hand_made_store):
+    with pytest.raises(NoRunsError, match=r"report.baselines: there is no run 0123abc in the MLflow store"):
+        _baselines(hand_made_store, ["0123abc"])
+    distilled = hand_made_store["paired_distilled"]
+    with pytest.raises(NoRunsError, match=rf"report.baselines: run {distilled.info.run_id} .* trained no "
+                                          "architecture baseline"):
+        _baselines(hand_made_store, [distilled.info.run_id])
+    assert _baselines(hand_made_store, "latest", experiment="no-such-baselines") is None
+    assert _baselines(hand_made_store, None) is None
+
+
+@pytest.mark.parametrize(("value", "setting"), [
+    (None, None), ("null", None), ("", None), ([], None), ("latest", "latest"), (["latest"], "latest"),
+    ("a1,b2 c3", ["a1", "b2", "c3"]), (["a1", " b2 "], ["a1", "b2"]),
+])
+def test_the_baselines_option_reads_latest_ids_or_nothing(value, setting):
+    assert baseline_setting(value) == setting
+
+
+def test_baselines_section_ranks_the_sweep_with_the_distilled_student(hand_made_store, monkeypatch):
+    project = hand_made_store["project"]
+    # dr-lonely: a distilled run on the sweep's data without a counterpart (no bootstrap to wait for)
+    overrides = [*HAND, "report.experiments.dr=dr-lonely", "report.experiments.baselines=dr-baselines-hand",
+                 "report.bench=null", "report.log_to_mlflow=false"]
+    _, page, markdown = _report(project, monkeypatch, overrides, "baselines")
+    section = _section(markdown, "Architecture baselines")
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in section.splitlines()
+            if line.startswith("| ") and "](http://" in line]
+    student = _children(mlflow_store(project), hand_made_store["lonely_distilled"])["student"]
+    # one row per backbone of the latest sweep and the distilled student (test QWK 0.4), best QWK first
+    assert [row[0] for row in rows] == ["convnext_tiny k=5", "resnet50", "student (distilled): "
+                                        "tf_efficientnet_lite0", "efficientnet_b0"]
+    assert [row[-1].split("]")[0].lstrip("[") for row in rows] == _ids(
+        hand_made_store["convnext"], hand_made_store["resnet"], student, hand_made_store["efficientnet"])
+    # by hand: MACs in millions (808,770,048 -> 808.8), bytes in MB (110,715,675 -> 110.7)
+    assert rows[0][:-1] == ["convnext_tiny k=5", "none", "0.55", "0.625", "0.5", "0.125", "27,664,997",
+                            "808.8", "110.7", "40.5", "42.25"]
+    assert rows[2][1:3] == ["lite", "0.4"] and rows[2][6] == "500"  # the student run's params and metrics
+    assert "Majority-class floor: always predicting the test split's most frequent grade scores test " \
+           "accuracy 0.4" in section
+    assert 'Rerun the sweep (every backbone): `make dr-distill ARGS="debug=smoke experiment=dr_baselines"`' \
+           in section
+    assert "the row marked \"student (distilled)\" is the student of distilled alone (" in section
+    assert "<h2>Architecture baselines</h2>" in page and "convnext_tiny k=5</td>" in page
+    assert "data fingerprint" not in section  # all on one data set
+
+    # two runs of two sweeps named by id: each row says its data, the text each sweep's command
+    old = hand_made_store["old_resnet"]
+    named = [*overrides, f"report.baselines=[{old.info.run_id},{hand_made_store['convnext'].info.run_id}]"]
+    _, _, markdown = _report(project, monkeypatch, named, "named_baselines")
+    section = _section(markdown, "Architecture baselines")
+    assert re.search(rf"^\| resnet50 .*\| fp0 +\| \[{old.info.run_id}\]", section, flags=re.M), section
+    assert "These runs come from 2 sweeps" in section and "test accuracy 0.4, 0.5" in section
+    assert '`make dr-distill ARGS="experiment=dr_baselines data=eyepacs"`' in section
