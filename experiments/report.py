@@ -52,7 +52,10 @@ def store_uri(cfg: DictConfig) -> tuple[str, bool]:
 
 
 def report_run_name(data: ReportData) -> str:
-    name = f"report[{' + '.join(selected.name for selected in data.selected)}]"
+    names = [selected.name for selected in data.selected]
+    if data.baselines is not None:
+        names.append("architecture baselines")
+    name = f"report[{' + '.join(names)}]"
     return name if len(name) <= MAX_RUN_NAME else name[:MAX_RUN_NAME - 4] + "...]"
 
 

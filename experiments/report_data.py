@@ -255,17 +255,26 @@ def _latest_selected(client: MlflowClient, experiment_name: str, kind: str) -> S
     return fallback
 
 
+def no_runs_message(tracking_uri: str, experiments: Mapping[str, str]) -> str:
+    names = " or ".join(f"`{MAKE_TARGETS[k]}`" for k in (DR, GLAUCOMA))
+    return (f"The MLflow store {tracking_uri} has no finished {experiments[DR]} or {experiments[GLAUCOMA]} run "
+            f"to report on: run {names} first (or `make dr-distill ARGS=\"experiment=dr_baselines\"` for the "
+            "architecture baselines, or select runs with report.runs=[<parent run id>,...]).")
+
+
 def select_runs(client: MlflowClient, tracking_uri: str, run_ids: Sequence[str] = (),
-                experiments: Mapping[str, str] | None = None) -> tuple[list[SelectedRun], list[str]]:
+                experiments: Mapping[str, str] | None = None,
+                allow_none: bool = False) -> tuple[list[SelectedRun], list[str]]:
     """The parent runs to report on and notes on what is missing.
 
     ``run_ids``: parent runs (a stage's child run stands for its parent). Default: the latest FINISHED parent
     run of the dr-distill experiment whose student learned from a teacher (the latest parent at all when
     none did: a student-only run is the gain's counterpart, not what the report is about), and the latest of
-    glaucoma-iterations.
+    glaucoma-iterations. ``allow_none``: no such run is no error (the report may still show the baselines).
 
     Raises:
-        NoRunsError: nothing to report on; the message names the make targets to run first.
+        NoRunsError: nothing to report on (and not ``allow_none``); the message names the make targets to run
+            first.
     """
     experiments = {**DEFAULT_EXPERIMENTS, **(experiments or {})}
     if run_ids:
@@ -285,11 +294,8 @@ def select_runs(client: MlflowClient, tracking_uri: str, run_ids: Sequence[str] 
         else:
             notes.append(f"No finished {experiments[kind]} run in the store: run `{MAKE_TARGETS[kind]}` for "
                          "its section.")
-    if not selected:
-        names = " or ".join(f"`{MAKE_TARGETS[k]}`" for k in (DR, GLAUCOMA))
-        raise NoRunsError(f"The MLflow store {tracking_uri} has no finished {experiments[DR]} or "
-                          f"{experiments[GLAUCOMA]} run to report on: run {names} first (or select runs with "
-                          "report.runs=[<parent run id>,...]).")
+    if not selected and not allow_none:
+        raise NoRunsError(no_runs_message(tracking_uri, experiments))
     return selected, notes
 
 
@@ -850,12 +856,17 @@ def collect_report(client: MlflowClient, tracking_uri: str, *, ui_url: str, run_
     """Select the runs and read everything the report shows (see the module docstring). ``baselines``: the
     architecture baselines' section (:func:`baseline_sweep`).
 
+    A store holding only architecture baselines gets a report of them alone.
+
     Raises:
         NoRunsError: no run to report on, or a run id that is not in the store.
     """
     experiments = {**DEFAULT_EXPERIMENTS, **(experiments or {})}
     bootstrap = bootstrap or BootstrapSettings()
-    selected, notes = select_runs(client, tracking_uri, run_ids, experiments)
+    selected, notes = select_runs(client, tracking_uri, run_ids, experiments, allow_none=True)
+    sweep = baseline_sweep(client, baselines, experiments[BASELINES], tracking_uri, selected, ui_url)
+    if not selected and sweep is None:
+        raise NoRunsError(no_runs_message(tracking_uri, experiments))
     notes += [f"Run {s.name} ({s.parent.info.run_id}) is {s.parent.info.status}, not FINISHED: its numbers "
               "may be incomplete." for s in selected if s.parent.info.status != "FINISHED"]
     with tempfile.TemporaryDirectory(prefix="report-") as tmp:
@@ -879,7 +890,6 @@ def collect_report(client: MlflowClient, tracking_uri: str, *, ui_url: str, run_
                 continue
             gains.append(distillation_gain(client, run, student_without_teacher, bootstrap, tracking_uri,
                                            workdir))
-    sweep = baseline_sweep(client, baselines, experiments[BASELINES], tracking_uri, selected, ui_url)
     notes += [f"Baseline run {run.info.run_name} ({run.info.run_id}) is {run.info.status}, not FINISHED: its "
               "numbers may be incomplete." for run in (sweep.runs if sweep else [])
               if run.info.status != "FINISHED"]

@@ -220,7 +220,14 @@ def test_an_unknown_experiment_or_a_missing_store_is_a_clear_error(tiny_store: P
                                                                    monkeypatch):
     overrides = ["report.experiments.dr=no-such-dr", "report.experiments.glaucoma=no-such-chain"]
     with pytest.raises(NoRunsError, match="no finished no-such-dr or no-such-chain run.*make dr-distill"):
-        _report(tiny_store, monkeypatch, overrides, "report_c")
+        _report(tiny_store, monkeypatch, [*overrides, "report.baselines=null"], "report_c")
+    # a store with nothing but architecture baselines: a report of them alone, saying what else to run
+    files, _, markdown = _report(tiny_store, monkeypatch, overrides, "report_baselines_only")
+    (baseline,) = _parents(mlflow_store(tiny_store), "dr-baselines").values()
+    assert baseline.info.run_id in _section(markdown, "Architecture baselines")
+    assert "student (distilled)" not in markdown and "Distillation gain" not in markdown
+    assert "No finished no-such-dr run in the store: run `make dr-distill` for its section." in markdown
+    assert files["html"].is_file()
     with pytest.raises(NoRunsError, match="no run 0123abc in the MLflow store"):
         _report(tiny_store, monkeypatch, ["report.runs=[0123abc]"], "report_d")
     empty = tmp_path / "fresh_clone"
