@@ -202,9 +202,9 @@ def _run_stage(ctx: RunContext, cfg: DictConfig, stage: ChainStage, dm: DiscData
                tags: dict[str, str]) -> dict[str, Any]:
     results = ctx.state.stages
     module = _stage_module(cfg, stage, results)
-    stage_tags = tags | _stage_tags(stage)
-    params = {"stage.arm": stage.arm, "stage.base": _stage_tags(stage)["base"],
-              "stage.source": stage.source or "(none)"}
+    own_tags = _stage_tags(stage)
+    stage_tags = tags | own_tags
+    params = {"stage.arm": stage.arm, "stage.base": own_tags["base"], "stage.source": stage.source or "(none)"}
     own_callbacks = _stage_callbacks(cfg, stage, results, ctx.run_dir / stage.name)
     def add_network(result: dict[str, Any]) -> None:
         # The tested (best) network, saved whole with its widths: the next iteration starts from it, the

@@ -23,9 +23,16 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_RUN_NAME
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
-from experiments.report_data import BootstrapSettings, NoRunsError, ReportData, collect_report
+from experiments.report_data import (
+    BootstrapSettings,
+    NoRunsError,
+    ReportData,
+    baseline_setting,
+    collect_report,
+    run_id_list,
+)
 from experiments.report_render import write_report
 from experiments.tracking import default_artifact_root, default_tracking_uri, git_commit
 
@@ -33,15 +40,6 @@ log = logging.getLogger(__name__)
 
 #: MLflow's limit on a run name
 MAX_RUN_NAME = 250
-
-
-def _run_ids(value: object) -> list[str]:
-    """``report.runs`` as a list of ids: a list, or one string of ids separated by commas or spaces."""
-    if value is None:
-        return []
-    if isinstance(value, ListConfig | list | tuple):
-        return [str(item).strip() for item in value if str(item).strip()]
-    return [item for item in str(value).replace(",", " ").split() if item]
 
 
 def store_uri(cfg: DictConfig) -> tuple[str, bool]:
@@ -105,12 +103,10 @@ def run_report(cfg: DictConfig, output_dir: Path | None = None) -> dict[str, Pat
                           "your store).")
     client = MlflowClient(tracking_uri)
     bootstrap = BootstrapSettings(**OmegaConf.to_container(settings.bootstrap, resolve=True))
-    baselines = settings.get("baselines", "latest")
-    data = collect_report(client, tracking_uri, ui_url=str(settings.ui_url), run_ids=_run_ids(settings.runs),
+    data = collect_report(client, tracking_uri, ui_url=str(settings.ui_url), run_ids=run_id_list(settings.runs),
                           experiments=OmegaConf.to_container(settings.experiments, resolve=True),
                           bench=settings.bench, student_without_teacher=settings.student_without_teacher,
-                          bootstrap=bootstrap,
-                          baselines=_run_ids(baselines) if isinstance(baselines, ListConfig) else baselines)
+                          bootstrap=bootstrap, baselines=baseline_setting(settings.get("baselines", "latest")))
     if settings.output_dir:
         output_dir = Path(str(settings.output_dir))
     elif output_dir is None:

@@ -458,13 +458,20 @@ BASELINE_TABLE_COLUMNS = ["parent_id", "choice", "backbone", "pretrained", *BASE
 _NO_VALUE = {"", "None", "none", "null"}
 
 
-def baseline_setting(value: str | Sequence[str] | None) -> str | list[str] | None:
-    """``report.baselines`` normalised: None (no section), ``"latest"``, or a list of run ids (a list, or one
-    string of ids separated by commas or spaces)."""
+def run_id_list(value: str | Sequence[str] | None) -> list[str]:
+    """A run-id option (``report.runs``, ``report.baselines``) as a list of ids: a list (a Hydra ListConfig
+    too), or one string of ids separated by commas or spaces."""
     if value is None:
-        return None
-    items = [str(item).strip() for item in ([value] if isinstance(value, str) else value)]
-    ids = [part for item in items for part in item.replace(",", " ").split()]
+        return []
+    if isinstance(value, str) or not isinstance(value, Sequence):  # one string (Hydra may read it as a number)
+        return [item for item in str(value).replace(",", " ").split() if item]
+    return [str(item).strip() for item in value if str(item).strip()]
+
+
+def baseline_setting(value: str | Sequence[str] | None) -> str | list[str] | None:
+    """``report.baselines`` normalised: None (no section), ``"latest"``, or a list of run ids
+    (:func:`run_id_list`)."""
+    ids = run_id_list(value)
     if not ids or (len(ids) == 1 and ids[0].lower() in {"null", "none"}):
         return None
     return "latest" if ids == ["latest"] else ids

@@ -247,7 +247,7 @@ def build_callbacks(callbacks_cfg: DictConfig, stage_dir: Path,
 def _stage_trainer(ctx: RunContext, stage: str, tags: dict[str, str], callbacks: list[Callback],
                    trainer_overrides: dict[str, Any] | None = None, logger: Any = None) -> tuple[L.Trainer, Any]:
     """The stage's Trainer, logging to its child run (created once, reused on resume and retest), or to
-    ``logger`` where given."""
+    ``logger`` where given (False: none, a follower's)."""
     # Lightning's log_model would upload best *and* last checkpoint; only the best one is worth keeping.
     if logger is None:
         logger = ctx.tracker.child_logger(stage, tags, log_model=False)
@@ -416,8 +416,7 @@ def _follow_stage(ctx: RunContext, stage: str, module: L.LightningModule, datamo
     """A follower's part of a stage: the same fit with the same callbacks (checkpointing and early stopping
     decide alike on every process) and no logger; then the primary's recorded result."""
     callbacks = [callback for callback in callbacks if not isinstance(callback, LOGGING_ONLY_CALLBACKS)]
-    trainer = instantiate(ctx.cfg.trainer, callbacks=callbacks, logger=False,
-                          default_root_dir=str(ctx.run_dir / stage), **(trainer_overrides or {}))
+    trainer, _ = _stage_trainer(ctx, stage, {}, callbacks, trainer_overrides, logger=False)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
     _end_distributed_fit(trainer)
     launcher = os.getppid()

@@ -103,6 +103,11 @@ class TrackingServerSettings:
         return self.directory / "postgres"
 
     @property
+    def cluster_initialised(self) -> bool:
+        """Whether ``initdb`` has made the cluster (it writes ``PG_VERSION`` into the data folder)."""
+        return (self.data_dir / "PG_VERSION").is_file()
+
+    @property
     def socket_dir(self) -> Path:
         return self.directory / "socket"
 
@@ -355,7 +360,7 @@ def _check_reachable(settings: TrackingServerSettings, user: str | None) -> None
 
 def _postgres_port(settings: TrackingServerSettings, bin_dir: Path, user: str | None) -> int | None:
     """The port of the cluster in ``settings.data_dir`` when it runs, else None."""
-    if not (settings.data_dir / "PG_VERSION").is_file():
+    if not settings.cluster_initialised:
         return None
     probe = subprocess.run(_as_cluster_user([str(bin_dir / "pg_ctl"), "status", "-D", str(settings.data_dir)],
                                             user), cwd=settings.directory, capture_output=True, check=False)
@@ -374,11 +379,11 @@ def start_postgres(settings: TrackingServerSettings, bin_dir: Path | None = None
     settings.socket_dir.mkdir(mode=0o700, exist_ok=True)
     settings.postgres_log.touch()
     _give_to([settings.socket_dir, settings.postgres_log], user)
-    if not (settings.data_dir / "PG_VERSION").is_file():
+    if not settings.cluster_initialised:
         settings.data_dir.mkdir(mode=0o700, exist_ok=True)
         _give_to([settings.data_dir], user)
     _check_reachable(settings, user)
-    if not (settings.data_dir / "PG_VERSION").is_file():
+    if not settings.cluster_initialised:
         log.info("Initialising a PostgreSQL cluster in %s", settings.data_dir)
         _run([str(bin_dir / "initdb"), "-D", str(settings.data_dir), "--no-locale", "--encoding=UTF8",
               "--auth-local=peer", "--auth-host=scram-sha-256"], settings, user)
@@ -403,7 +408,7 @@ def start_postgres(settings: TrackingServerSettings, bin_dir: Path | None = None
 
 def stop_postgres(settings: TrackingServerSettings, bin_dir: Path | None = None) -> bool:
     """``pg_ctl stop -m fast`` (open connections are closed); False when it was not running."""
-    if not (settings.data_dir / "PG_VERSION").is_file():
+    if not settings.cluster_initialised:
         return False
     bin_dir = bin_dir or find_postgres_bin_dir()
     user = _cluster_user()
@@ -572,7 +577,7 @@ def stop(settings: TrackingServerSettings) -> ServerStatus:
 
 
 def status(settings: TrackingServerSettings) -> ServerStatus:
-    initialised = (settings.data_dir / "PG_VERSION").is_file()
+    initialised = settings.cluster_initialised
     pg_port = _postgres_port(settings, find_postgres_bin_dir(), _cluster_user()) if initialised else None
     found = _mlflow_process(settings)
     if found is None:
