@@ -62,3 +62,16 @@ def resumed_sampler_seed(seed: int | None, finished: int) -> int | None:
     points again, i.e. repeat trials already run: a resumed search continues with ``seed + finished``, which is
     still reproducible from the command and the study."""
     return None if seed is None else int(seed) + finished
+
+
+def study_done_message(study: optuna.Study, total: int) -> str:
+    """What a rerun of a search whose study already has its ``total`` finished trials says: its best trial, if
+    any completed (a study of only pruned trials has none: ``study.best_trial`` would raise)."""
+    completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if completed:
+        best = study.best_trial
+        result = f"best: trial {best.number}, value {best.value}, params {best.params}"
+    else:
+        result = "none completed: every finished trial was pruned"
+    return (f"Study {study.study_name} already has its {total} trials ({result}): raise hydra.sweeper.n_trials "
+            "to search further, or name a new study with hydra.sweeper.study_name")

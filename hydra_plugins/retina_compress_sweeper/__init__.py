@@ -14,7 +14,14 @@ from hydra.utils import instantiate
 from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl
 from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
 
-from experiments.sweeps import TRIAL_KEY, finished_trials, remaining_trials, resumed_sampler_seed, sqlite_path
+from experiments.sweeps import (
+    TRIAL_KEY,
+    finished_trials,
+    remaining_trials,
+    resumed_sampler_seed,
+    sqlite_path,
+    study_done_message,
+)
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +42,7 @@ class _ResumableImpl(OptunaSweeperImpl):
                      self.storage, finished, total, self.n_trials)
         if self.n_trials == 0:
             study = optuna.load_study(study_name=self.study_name, storage=self.storage)
-            best = study.best_trial  # n_trials == 0 means finished (complete or pruned) trials exist
-            log.warning("Study %s already has its %d trials (best: trial %d, value %s, params %s): raise "
-                        "hydra.sweeper.n_trials to search further, or name a new study with "
-                        "hydra.sweeper.study_name", self.study_name, total, best.number, best.value, best.params)
+            log.warning(study_done_message(study, total))
             return
         super().sweep(arguments)
 

@@ -14,7 +14,13 @@ import pytest
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from experiments.sweeps import finished_trials, remaining_trials, resumed_sampler_seed, sqlite_path
+from experiments.sweeps import (
+    finished_trials,
+    remaining_trials,
+    resumed_sampler_seed,
+    sqlite_path,
+    study_done_message,
+)
 from experiments.tracking import RunState
 from experiments.train_dr import run_dr_distill
 from hydra_plugins.retina_compress_sweeper import ResumableOptunaSweeper
@@ -78,6 +84,17 @@ def test_a_study_counts_finished_trials_but_not_failed_or_running_ones(tmp_path:
     study.ask()  # an interrupted (or another worker's) trial stays RUNNING
     assert finished_trials(storage, "s") == 3
     assert remaining_trials(5, 3) == 2 and remaining_trials(2, 3) == 0
+
+
+def test_a_finished_study_names_its_best_trial_or_says_none_completed():
+    study = optuna.create_study(study_name="s", direction="maximize")
+    for _ in range(2):
+        study.tell(study.ask(), state=optuna.trial.TrialState.PRUNED)
+    assert "none completed: every finished trial was pruned" in study_done_message(study, 2)
+    trial = study.ask({"lr": optuna.distributions.FloatDistribution(0.0, 1.0)})
+    study.tell(trial, 0.75)
+    message = study_done_message(study, 3)
+    assert message.startswith("Study s already has its 3 trials (best: trial 2, value 0.75, params {'lr': ")
 
 
 def test_a_resumed_seeded_sampler_does_not_draw_the_finished_trials_again():
