@@ -16,6 +16,7 @@ from callbacks._mlflow import first_test_example, mlflow_loggers
 from callbacks.quantization_aware_training import QuantizationAwareTraining
 from compression.deploy import DEFAULT_THRESHOLD, DEPLOY_DIR_TAG, DEPLOY_FOLDER, Bundle, write_bundle
 from compression.export import Exporter, network_input_names
+from compression.packed_format import describe_network
 from compression.quantization import DEFAULT_CALIBRATION_IMAGES, is_qat_prepared, strip_qat
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,9 @@ class DeploymentBundle(Callback):
     ``experiments.runner.build_callbacks``); None: the trainer's ``default_root_dir``.
 
     A network still prepared for quantization-aware training (fake-quantized weights) is bundled as a plain fp32
-    copy with those weights baked in; ``pl_module.net`` stays as it is.
+    copy with those weights baked in; ``pl_module.net`` stays as it is. The bundle's network file (GradCAM) is
+    described by ``describe_network(net, pl_module.hparams)``: a segmentation network by its spec, the DR student
+    and the timm classifiers by the hyperparameters that built them.
 
     A bundle that cannot be written (an export error, ``ExportParityError``, anything else) does not fail the
     stage, whose training and test results are worth keeping: the error is logged with what to do, the
@@ -99,10 +102,14 @@ class DeploymentBundle(Callback):
                          if isinstance(c, QuantizationAwareTraining) and c.int8_path is not None), None)
         # with a QAT model the calibration images only measure its parity
         calibration = self._calibration(datamodule, input_names) if self.int8 else None
+        try:
+            architecture = describe_network(net, getattr(pl_module, "hparams", None))
+        except ValueError:
+            architecture = None  # write_bundle tries the network alone, and warns that it has no network file
         return write_bundle(folder, net, example, input_names, spec["task"], spec, extra,
                             calibration_batches=calibration, int8_onnx=qat_int8 if self.int8 else None,
                             calibration_images=self.calibration_images, exporter=self.exporter,
-                            threads=self.threads)
+                            threads=self.threads, architecture=architecture)
 
     @staticmethod
     def _calibration(datamodule, input_names: tuple[str, ...]) -> Iterator[tuple[Tensor, ...]]:

@@ -14,8 +14,12 @@ from torch import Tensor
 from compression.export import Exporter
 from compression.quantization import (
     DEFAULT_CALIBRATION_IMAGES,
+    DEFAULT_MAX_QWK_DROP,
+    DEFAULT_MIN_AGREEMENT,
+    DEFAULT_MIN_MASK_DICE,
     QuantizationParityError,
     export_qat_int8,
+    int8_parity_problems,
     is_qat_prepared,
     measure_int8_parity,
     prepare_qat,
@@ -38,9 +42,13 @@ class QuantizationAwareTraining(Callback):
     masks, int8 minus fp32); for class logits ``agreement`` and, with ``target_key="label"``, ``qwk_delta``.
 
     A fit resumed after its last epoch has no training loop and so no ``on_train_end``: ``on_fit_end`` exports
-    then. Afterwards ``pl_module.net`` is the plain fp32 network with the QAT weights. If the int8 model drifts
-    beyond ``max_mean_abs_logit_diff`` or (masks) below ``min_mask_dice``, or the export fails,
-    ``pl_module.net`` is set back to the untouched network from before QAT and the error is raised.
+    then. Afterwards ``pl_module.net`` is the plain fp32 network with the QAT weights. The int8 model is judged
+    on what its outputs are for (``compression.quantization.int8_parity_problems``): masks agreeing with the fp32
+    network's at Dice >= ``min_mask_dice``; class logits with top-1 agreement >= ``min_agreement`` and a QWK drop
+    <= ``max_qwk_drop``; the mean logit difference only where ``max_mean_abs_logit_diff`` is set (it is always
+    logged). If it fails (``QuantizationParityError``, with the reason and the ``quant/*`` numbers, already
+    logged) or the export fails, ``pl_module.net`` is set back to the untouched network from before QAT and the
+    error is raised.
 
     Calibration images come from ``datamodule.calibration_dataloader()`` (un-augmented training images) when
     the datamodule has one, else from ``train_dataloader()``. Batches are dicts holding ``input_names``.
@@ -59,8 +67,10 @@ class QuantizationAwareTraining(Callback):
         name: str = "model",
         calibration_images: int = DEFAULT_CALIBRATION_IMAGES,
         prepare_batches: int = 8,
-        max_mean_abs_logit_diff: float = 0.25,
-        min_mask_dice: float = 0.95,
+        min_mask_dice: float = DEFAULT_MIN_MASK_DICE,
+        min_agreement: float = DEFAULT_MIN_AGREEMENT,
+        max_qwk_drop: float = DEFAULT_MAX_QWK_DROP,
+        max_mean_abs_logit_diff: float | None = None,
         threshold: float = 0.5,
         parity_batches: int | None = None,
         momentum: float = 0.01,
@@ -72,9 +82,14 @@ class QuantizationAwareTraining(Callback):
             raise ValueError(f"calibration_images={calibration_images} must be >= 1 (100 is the default)")
         if prepare_batches < 0:
             raise ValueError(f"prepare_batches={prepare_batches} must be >= 0")
-        if max_mean_abs_logit_diff < 0 or not 0.0 <= min_mask_dice <= 1.0:
-            raise ValueError(f"max_mean_abs_logit_diff={max_mean_abs_logit_diff} must be >= 0 and "
-                             f"min_mask_dice={min_mask_dice} in [0, 1]")
+        for key, value in (("min_mask_dice", min_mask_dice), ("min_agreement", min_agreement)):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{key}={value} must be in [0, 1] (1: the int8 model must agree everywhere)")
+        if not 0.0 <= max_qwk_drop <= 2.0:
+            raise ValueError(f"max_qwk_drop={max_qwk_drop} must be in [0, 2] (QWK lies in [-1, 1])")
+        if max_mean_abs_logit_diff is not None and max_mean_abs_logit_diff < 0:
+            raise ValueError(f"max_mean_abs_logit_diff={max_mean_abs_logit_diff} must be >= 0, or null to only log "
+                             "the logit difference")
         if not input_names:
             raise ValueError("input_names must name the batch keys the network takes, e.g. ('image', 'topo')")
         self.output_dir = Path(output_dir)
@@ -83,8 +98,10 @@ class QuantizationAwareTraining(Callback):
         self.name = name
         self.calibration_images = calibration_images
         self.prepare_batches = prepare_batches
-        self.max_mean_abs_logit_diff = max_mean_abs_logit_diff
         self.min_mask_dice = min_mask_dice
+        self.min_agreement = min_agreement
+        self.max_qwk_drop = max_qwk_drop
+        self.max_mean_abs_logit_diff = max_mean_abs_logit_diff
         self.threshold = threshold
         self.parity_batches = parity_batches
         self.momentum = momentum
@@ -135,14 +152,17 @@ class QuantizationAwareTraining(Callback):
                         if key not in ("dice_fp32", "dice_int8", "qwk_fp32", "qwk_int8")}
         for logger in trainer.loggers:
             logger.log_metrics(self.report, step=trainer.global_step)
-        problems = self._parity_problems(parity)
+        problems = int8_parity_problems(parity, self.min_mask_dice, self.min_agreement, self.max_qwk_drop,
+                                        self.max_mean_abs_logit_diff)
         if problems:
             self._restore(pl_module, device)
             raise QuantizationParityError(
-                f"int8 model {str(exported.int8_path)!r} drifts from its fp32 network on {parity['images']:.0f} "
-                f"validation images: {'; '.join(problems)}. pl_module.net was restored to the network from "
-                "before QAT. Fine-tune longer, calibrate on more images, or loosen the tolerance"
-            )
+                exported.int8_path,
+                f"the int8 model drifts from its fp32 network on {parity['images']:.0f} validation images: "
+                f"{'; '.join(problems)}",
+                metrics=self.report,
+                advice="pl_module.net was restored to the network from before QAT. Fine-tune longer, calibrate "
+                       "on more images, or loosen the tolerance")
         self.int8_path = exported.int8_path
         log.info("Int8 model %s: %.2f MB (fp32 %.2f MB), %s", exported.int8_path, exported.int8_bytes / 1e6,
                  exported.fp32_bytes / 1e6, ", ".join(f"{key} {value:.4f}" for key, value in parity.items()))
@@ -158,16 +178,6 @@ class QuantizationAwareTraining(Callback):
 
     def _restore(self, pl_module: LightningModule, device: torch.device) -> None:
         pl_module.net = self.fp32_net.to(device)
-
-    def _parity_problems(self, parity: dict[str, float]) -> list[str]:
-        problems = []
-        if parity["mean_abs_logit_diff"] > self.max_mean_abs_logit_diff:
-            problems.append(f"mean |logit difference| {parity['mean_abs_logit_diff']:.4f} > "
-                            f"max_mean_abs_logit_diff={self.max_mean_abs_logit_diff}")
-        dice = parity.get("mask_dice_int8_vs_fp32")
-        if dice is not None and dice < self.min_mask_dice:
-            problems.append(f"Dice of int8 vs fp32 masks {dice:.4f} < min_mask_dice={self.min_mask_dice}")
-        return problems
 
     def _input_batches(self, trainer: Trainer) -> Iterator[tuple[Tensor, ...]]:
         datamodule = trainer.datamodule

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import io
 import logging
 from collections.abc import Mapping, Sequence
@@ -13,7 +12,7 @@ import torch
 from lightning import Callback, LightningModule, Trainer
 from torch import nn
 
-from compression.packed_format import CODECS, save_shared, vgg_unet_architecture
+from compression.packed_format import CODECS, describe_network, save_shared
 from compression.weight_sharing import (
     DEFAULT_MIN_WEIGHTS,
     MAX_CLUSTERS,
@@ -27,8 +26,6 @@ from compression.weight_sharing import (
     sharing_state,
     unshare,
 )
-from lightning_modules.nets.student import TopoFusionNet, build_student_net
-from lightning_modules.nets.vgg_unet import VGGUNet
 
 log = logging.getLogger(__name__)
 
@@ -190,21 +187,14 @@ class WeightSharing(Callback):
 
 
 def network_architecture(pl_module: LightningModule) -> dict[str, Any]:
-    """The ``architecture`` entry of a packed file for the suite's two networks.
-
-    A ``VGGUNet`` describes itself (``spec()``, pruned widths included); the DR student is rebuilt from the
-    module's hyperparameters that ``build_student_net`` takes (the pretrained source is dropped: the file
-    holds every weight).
-    """
-    net = pl_module.net
-    if isinstance(net, VGGUNet):
-        return vgg_unet_architecture(net)
-    if isinstance(net, TopoFusionNet):
-        accepted = set(inspect.signature(build_student_net).parameters) - {"pretrained", "pretrained_path"}
-        hparams = dict(pl_module.hparams)
-        return {"kind": "dr_student", "kwargs": {key: hparams[key] for key in sorted(accepted & set(hparams))}}
-    raise ValueError(f"WeightSharing cannot describe a {type(net).__name__} network for its packed file: pass "
-                     "architecture={'kind': ..., ...} and give load_shared a builder for that kind")
+    """The ``architecture`` entry of a packed file: ``compression.packed_format.describe_network`` of the
+    module's network and hyperparameters (a ``VGGUNet`` describes itself, pruned widths included; the DR student
+    is rebuilt from the ``build_student_net`` arguments among the hyperparameters)."""
+    try:
+        return describe_network(pl_module.net, getattr(pl_module, "hparams", None))
+    except ValueError as error:
+        raise ValueError(f"WeightSharing: {error}. Pass architecture={{'kind': ..., ...}} and give load_shared a "
+                         "builder for that kind") from error
 
 
 def _prefix_of(root: nn.Module, module: nn.Module) -> str:

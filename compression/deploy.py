@@ -2,15 +2,23 @@
 
 A bundle is one folder (``<run>/<stage>/deploy/`` when the ``DeploymentBundle`` callback writes it):
 
-* ``bundle.json``: ``"format": 1``, the task (``grading`` or ``disc``), the network's input names, the class
+* ``bundle.json``: ``"format": 2``, the task (``grading`` or ``disc``), the network's input names, the class
   names (grading) or the mask threshold (disc), the preprocessing spec (``DRDataModule.inference_spec()`` /
   ``DiscDataModule.inference_spec()``: image size, crop, CLAHE, and for a DR student with topological features
-  the fitted persistence imager), which files exist, the fp32 ONNX parity and the int8 model's provenance and
-  parity numbers;
+  the fitted persistence imager), which files exist (``files``), the SHA-256 of each (``sha256``: file name ->
+  hex digest), the fp32 ONNX parity and the int8 model's provenance and parity numbers;
 * ``model.onnx``: the fp32 network (dynamic batch; the disc network's height and width are dynamic too);
 * ``model_int8.onnx`` (when int8 was produced): ONNX Runtime static int8, post-training or from
   quantization-aware training;
-* ``network.pt``: the whole torch network (``torch.save``), for GradCAM on request.
+* ``network.safetensors`` (when the network can be described): the torch network for GradCAM on request, as
+  its state dict plus, in the file's metadata, its architecture entry
+  (``compression.packed_format.describe_network``: a segmentation network's ``spec()``, the DR student's or a
+  timm classifier's build arguments). It is rebuilt by ``build_network`` and filled with the weights: nothing
+  in a bundle is ever unpickled, so a bundle from a shared MLflow server cannot run code.
+
+``load_bundle`` checks every listed file against its SHA-256 and refuses format-1 bundles (no hashes, and a
+``network.pt`` that only unpickling could read): ``retest=true`` writes them again without training
+(:func:`rebundle_advice`).
 
 The bundle needs no Lightning, no dataset and no config: ``load_bundle`` + ``Predictor`` rebuild the
 evaluation path of training (``datamodules.dr.grading_network_inputs`` /
@@ -21,6 +29,7 @@ from the spec and run ONNX Runtime on the CPU.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import os
@@ -36,10 +45,13 @@ import cv2
 import numpy as np
 import onnxruntime as ort
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from scipy.special import softmax
 from torch import Tensor, nn
 
 from compression.export import Exporter, export_onnx, onnx_parity, ort_session, run_session
+from compression.packed_format import build_network, describe_network
 from compression.quantization import (
     DEFAULT_CALIBRATION_IMAGES,
     calibration_feeds,
@@ -47,12 +59,13 @@ from compression.quantization import (
     quantize_onnx_static,
 )
 from datamodules.dr import GRADING_TASK, grading_network_inputs, grading_preprocessing_from_spec
-from datamodules.fundus import RETINA_THRESHOLD, UnreadableImageError, _read_bytes, retina_bounding_box
 from datamodules.optic_disc import DISC_TASK, disc_network_input, disc_preprocessing_from_spec
+from datamodules.photograph import PhotographCheck, read_photograph
 
 log = logging.getLogger(__name__)
 
-BUNDLE_FORMAT = 1
+#: 2: files hashed (``sha256``), the network as safetensors + architecture; 1 (refused): pickled network.pt
+BUNDLE_FORMAT = 2
 #: the bundle's folder inside a stage folder, and its artifact path in the stage's MLflow run
 DEPLOY_FOLDER = "deploy"
 #: MLflow tag of a stage's run: the absolute path of its bundle folder
@@ -60,115 +73,23 @@ DEPLOY_DIR_TAG = "deploy_dir"
 MANIFEST_FILE = "bundle.json"
 FP32_FILE = "model.onnx"
 INT8_FILE = "model_int8.onnx"
-NETWORK_FILE = "network.pt"
+NETWORK_FILE = "network.safetensors"
+#: format 1's pickled whole network: removed when a folder is written again, never read
+LEGACY_NETWORK_FILE = "network.pt"
+#: the network file's ``format`` metadata entry
+NETWORK_FORMAT = "retina-compress/network"
+#: bundle.json's map of file name -> SHA-256 hex digest
+HASHES_KEY = "sha256"
 TASKS = (GRADING_TASK, DISC_TASK)
 PRECISIONS = ("int8", "fp32")
 DEFAULT_THRESHOLD = 0.5
 #: bundle.json keys written by write_bundle itself; ``extra`` may not replace them
-_RESERVED_KEYS = frozenset({"format", "task", "input_names", "output_names", "preprocessing", "files", "int8",
-                            "fp32_max_abs_diff", "versions", "created"})
-
-# ---------------------------------------------------------------------------------- usable photographs
-# Thresholds of fundus_problem. Each is far from what any fundus camera produces, so that a real photograph is
-# never refused; they catch files that are images but not fundus photographs.
-#: shorter side in px: below it vessels and lesions are sub-pixel (cameras give >= 1000 px; the models see
-#: 224-256 px resized from them)
-MIN_IMAGE_SIDE = 64
-#: share of pixels brighter than RETINA_THRESHOLD: the retina covers about half a camera frame (a circle in a
-#: 3:2 frame: 52%, more when cropped); under 5% the frame is essentially black (lens cap, failed flash)
-MIN_BRIGHT_FRACTION = 0.05
-#: the bright region's extent as a share of the frame's shorter side: a retina spans most of it in every
-#: camera; a region under a quarter of it is a label or a reflection, not a retina
-MIN_RETINA_SPAN = 0.25
-#: mean |difference| between colour channels over the retina, grey levels: a colour fundus is red (R - B is
-#: tens of levels); under 2 the image is greyscale (red-free, angiogram, scan), which the models never saw
-MIN_CHANNEL_DIFFERENCE = 2.0
-#: grey-level standard deviation over the retina: vessels, disc and illumination fall-off give tens of levels;
-#: under 2 the image is flat (blank or uniform)
-MIN_RETINA_CONTRAST = 2.0
-#: the first bytes of every JPEG file (SOI marker and the next marker's 0xFF)
-_JPEG_SIGNATURE = b"\xff\xd8\xff"
+_RESERVED_KEYS = frozenset({"format", "task", "input_names", "output_names", "preprocessing", "files", HASHES_KEY,
+                            "int8", "fp32_max_abs_diff", "versions", "created"})
 
 
 class BundleError(ValueError):
     """A deployment bundle folder that cannot be used (missing, incomplete, damaged or of another format)."""
-
-
-class NotAFundusError(ValueError):
-    """A decoded image that is not a usable fundus photograph (see :func:`fundus_problem`)."""
-
-
-def fundus_problem(image: np.ndarray) -> str | None:
-    """Why a decoded image (as :func:`read_photograph` decodes it: channels as stored, 16-bit already rescaled)
-    is not a usable colour fundus photograph, or None when it is.
-
-    Checks, in order: no alpha channel, 3 channels (1: greyscale), uint8 (e.g. not a float TIFF), a shorter
-    side of at least ``MIN_IMAGE_SIDE`` px, not almost black, a retina found (the bright region spans a good part
-    of the frame), colour (three channels that differ), some contrast.
-    """
-    channels = image.shape[2] if image.ndim == 3 else 1
-    if channels == 4:
-        return "has an alpha channel (transparent parts): save it as an opaque JPEG/PNG"
-    if channels != 3:
-        greyscale = " (greyscale)" if channels == 1 else ""
-        return (f"{channels} channel(s){greyscale} after decoding, shape {image.shape}: a colour (RGB) "
-                "photograph has 3")
-    if image.dtype != np.uint8:
-        return f"pixel type {image.dtype}: expected 8-bit colour (uint8)"
-    height, width = image.shape[:2]
-    if min(height, width) < MIN_IMAGE_SIDE:
-        return (f"far too small ({width}x{height} px): a fundus photograph has at least {MIN_IMAGE_SIDE} px "
-                "a side")
-    grey = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
-    bright = grey > RETINA_THRESHOLD
-    if bright.mean() < MIN_BRIGHT_FRACTION:
-        return (f"almost black: {bright.mean():.1%} of the pixels are brighter than {RETINA_THRESHOLD}/255 "
-                f"(a retina covers about half the frame)")
-    top, bottom, left, right = retina_bounding_box(image)
-    span = max(bottom - top, right - left) / min(height, width)
-    if span < MIN_RETINA_SPAN:
-        return (f"no retina found: the bright region is only {right - left}x{bottom - top} px of a "
-                f"{width}x{height} px frame")
-    retina = image[bright].astype(np.float32)
-    channel_difference = float(np.mean([np.abs(retina[:, a] - retina[:, b]).mean()
-                                        for a, b in ((0, 1), (1, 2), (0, 2))]))
-    if channel_difference < MIN_CHANNEL_DIFFERENCE:
-        return "greyscale (the three colour channels are equal): the models grade colour fundus photographs"
-    if float(grey[bright].std()) < MIN_RETINA_CONTRAST:
-        return "a uniform image without structure (no vessels, no optic disc)"
-    return None
-
-
-def read_photograph(path: str | os.PathLike) -> np.ndarray:
-    """The photograph in ``path`` as RGB uint8, decoded as stored so that what training never saw is named
-    rather than silently converted (``datamodules.fundus.read_rgb``'s ``IMREAD_COLOR`` drops alpha, shifts
-    16-bit pixels right by 8 and replicates greyscale into three channels).
-
-    16-bit images are rescaled by their own maximum (a 12-bit camera's 4095 becomes 255; dividing by 65535
-    would leave it almost black) and logged. JPEG files, which cannot hold alpha, are decoded with their EXIF
-    orientation applied, as ``read_rgb`` did in training (``IMREAD_UNCHANGED`` would ignore it).
-
-    Raises:
-        datamodules.fundus.UnreadableImageError: missing, empty, or not decodable.
-        NotAFundusError: decoded, but :func:`fundus_problem` names what makes it unusable.
-    """
-    path = Path(path)
-    data = _read_bytes(path)
-    jpeg = data[:len(_JPEG_SIGNATURE)].tobytes() == _JPEG_SIGNATURE
-    image = cv2.imdecode(data, cv2.IMREAD_ANYCOLOR | cv2.IMREAD_ANYDEPTH if jpeg else cv2.IMREAD_UNCHANGED)
-    if image is None:
-        raise UnreadableImageError(f"{path}: not a readable image (corrupt, truncated or not an image format)")
-    if image.dtype == np.uint16:
-        peak = int(image.max())
-        # convertScaleAbs saturates to uint8; an all-zero image stays zero (and is refused as almost black)
-        image = cv2.convertScaleAbs(image, alpha=255.0 / peak if peak else 0.0)
-        log.info("%s: 16-bit image, rescaled to 8 bits by its own maximum (%d -> 255)", path, peak)
-    if image.ndim == 3 and image.shape[2] == 3:
-        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-    problem = fundus_problem(image)
-    if problem is not None:
-        raise NotAFundusError(f"{path}: {problem}")
-    return image
 
 
 # ---------------------------------------------------------------------------------------------- bundle
@@ -228,14 +149,12 @@ class Bundle:
         return self.fp32_path, "fp32"
 
     def load_network(self) -> nn.Module:
-        """The whole torch network (eval mode, CPU). It is unpickled: load bundles you trust only."""
+        """The torch network (eval mode, CPU), rebuilt from its architecture and filled with its weights
+        (:func:`read_network_file`): nothing is unpickled."""
         if self.network_path is None:
-            raise BundleError(f"bundle {self.folder} has no {NETWORK_FILE} (the network could not be saved "
+            raise BundleError(f"bundle {self.folder} has no {NETWORK_FILE} (the network could not be described "
                               "when it was written): GradCAM needs it; run without gradcam=true")
-        net = torch.load(self.network_path, map_location="cpu", weights_only=False)
-        if not isinstance(net, nn.Module):
-            raise BundleError(f"{self.network_path} holds a {type(net).__name__}, not a torch network")
-        return net.eval()
+        return read_network_file(self.network_path)
 
 
 def write_bundle(
@@ -252,6 +171,7 @@ def write_bundle(
     calibration_images: int = DEFAULT_CALIBRATION_IMAGES,
     exporter: Exporter = "auto",
     threads: int = 1,
+    architecture: Mapping[str, Any] | None = None,
 ) -> Bundle:
     """Write the bundle of ``net`` into ``folder`` (created; earlier bundle files replaced); return it loaded.
 
@@ -263,7 +183,12 @@ def write_bundle(
     A failing int8 step is logged as a warning and recorded as ``int8.error``: the fp32 bundle stays usable.
     ``extra`` adds keys to bundle.json (``stage``, ``class_names`` for grading, ``threshold`` for disc, run
     ids).
-    bundle.json is written last, so a folder without it is an interrupted write.
+    The network file (for GradCAM) holds ``net``'s weights and ``architecture``
+    (``compression.packed_format.describe_network(net, module hparams)``; None: ``net`` must describe itself, as
+    the segmentation networks do). It is read back and must give ``net``'s outputs on ``example_inputs``; a
+    network that cannot be described or rebuilt gets no network file (a warning; the ONNX models do not need
+    it), and is never pickled instead.
+    bundle.json, with the SHA-256 of every file, is written last, so a folder without it is an interrupted write.
 
     Raises:
         ValueError: unknown task, a spec of another task, or ``extra`` replacing a key of the bundle itself.
@@ -280,14 +205,14 @@ def write_bundle(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     # the manifest first: an interrupted write never leaves a bundle that mixes old and new files
-    for name in (MANIFEST_FILE, FP32_FILE, INT8_FILE, NETWORK_FILE):
+    for name in (MANIFEST_FILE, FP32_FILE, INT8_FILE, NETWORK_FILE, LEGACY_NETWORK_FILE):
         (folder / name).unlink(missing_ok=True)
     network = copy.deepcopy(net).cpu().eval().to(memory_format=torch.contiguous_format)
     inputs = tuple(tensor[:1].detach().cpu().contiguous() for tensor in example_inputs)
     fp32_path = export_onnx(network, inputs, folder / FP32_FILE, input_names, ("logits",), dynamic_batch=True,
                             exporter=exporter, dynamic_spatial=task == DISC_TASK)
     fp32_difference = onnx_parity(network, fp32_path, inputs, threads=threads)
-    network_file = _save_network(network, folder / NETWORK_FILE)
+    network_file = _save_network(network, architecture, folder / NETWORK_FILE, inputs)
     int8: dict[str, Any] | None = None
     if int8_onnx is not None or calibration_batches is not None:
         try:
@@ -303,14 +228,16 @@ def write_bundle(
     if task == GRADING_TASK and not class_names:
         with torch.no_grad():
             class_names = [str(index) for index in range(int(network(*inputs).shape[1]))]
+    files = {"fp32": FP32_FILE, "int8": INT8_FILE if int8 and "error" not in int8 else None,
+             "network": network_file.name if network_file else None}
     manifest: dict[str, Any] = {
         "format": BUNDLE_FORMAT,
         "task": task,
         "input_names": list(input_names),
         "output_names": ["logits"],
         "preprocessing": preprocessing,
-        "files": {"fp32": FP32_FILE, "int8": INT8_FILE if int8 and "error" not in int8 else None,
-                  "network": network_file.name if network_file else None},
+        "files": files,
+        HASHES_KEY: {name: file_sha256(folder / name) for name in files.values() if name},
         "fp32_max_abs_diff": fp32_difference,
         "int8": int8,
         "versions": {"torch": torch.__version__, "onnxruntime": ort.__version__},
@@ -326,15 +253,74 @@ def write_bundle(
     return load_bundle(folder)
 
 
-def _save_network(network: nn.Module, path: Path) -> Path | None:
+def _save_network(network: nn.Module, architecture: Mapping[str, Any] | None, path: Path,
+                  inputs: tuple[Tensor, ...]) -> Path | None:
+    """``path`` written by :func:`save_network_file` and checked by reading it back, or None (a warning)."""
     try:
-        torch.save(network, path)
-    except Exception as error:  # pickling; the ONNX models do not need this file
+        description = dict(architecture) if architecture is not None else describe_network(network)
+        save_network_file(network, description, path)
+        # a description that builds another network (a wrong hyperparameter) fails here, not at predict time
+        with torch.no_grad():
+            torch.testing.assert_close(read_network_file(path)(*inputs), network(*inputs))
+    except Exception as error:  # the ONNX models do not need this file: the bundle stays usable without it
         path.unlink(missing_ok=True)
-        log.warning("The bundle has no %s: the network cannot be pickled (%s); GradCAM will be unavailable",
-                    path.name, error)
+        log.warning("The bundle has no %s (%s: %s); GradCAM will be unavailable for it. A network is saved only "
+                    "as weights + an architecture the suite rebuilds (compression.packed_format."
+                    "describe_network), never pickled", path.name, type(error).__name__, error)
         return None
     return path
+
+
+def save_network_file(net: nn.Module, architecture: Mapping[str, Any], path: str | os.PathLike) -> Path:
+    """Write ``net``'s state dict as safetensors, with ``architecture`` (plain JSON, see
+    ``compression.packed_format.describe_network``) in the file's metadata; returns the path.
+
+    Safetensors rather than ``torch.save``: the file holds tensors and a JSON header only, so reading it cannot
+    run code, even with a planted file (``torch.load(weights_only=True)`` is a restricted unpickler, still a
+    pickle reader).
+    """
+    path = Path(path)
+    state = {name: tensor.detach().cpu().contiguous() for name, tensor in net.state_dict().items()}
+    save_file(state, str(path), metadata={"format": NETWORK_FORMAT, "architecture": json.dumps(dict(architecture))})
+    return path
+
+
+def read_network_file(path: str | os.PathLike) -> nn.Module:
+    """The network of a :func:`save_network_file` file, rebuilt from its architecture by
+    ``compression.packed_format.build_network`` (nothing downloaded), weights loaded strictly, eval mode, CPU.
+
+    Raises:
+        BundleError: not such a file (e.g. a pickled ``network.pt``), an architecture the suite cannot build, or
+            weights that do not fit it; the message names the file.
+    """
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as file:
+            metadata = file.metadata() or {}
+            state = {name: file.get_tensor(name) for name in file.keys()}  # noqa: SIM118 (a safe_open handle, not a dict)
+    except Exception as error:  # safetensors' own error, OSError: not a safetensors file, or a truncated one
+        raise BundleError(f"{path} is not a safetensors network file ({type(error).__name__}: {error}); a "
+                          "pickled network is never read: " + rebundle_advice(path.parent)) from error
+    if metadata.get("format") != NETWORK_FORMAT or "architecture" not in metadata:
+        raise BundleError(f"{path} is a safetensors file but not a network file of this suite (metadata "
+                          f"format {metadata.get('format')!r}, expected {NETWORK_FORMAT!r} with an architecture)")
+    try:
+        architecture = json.loads(metadata["architecture"])
+        net = build_network(architecture)
+    except Exception as error:  # JSON, a builder's refusal, timm's unknown model: all "cannot be rebuilt"
+        raise BundleError(f"{path}: its network cannot be rebuilt ({type(error).__name__}: {error})") from error
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as error:
+        raise BundleError(f"weights in {path} do not fit the {architecture.get('kind')!r} network its "
+                          f"architecture describes: {error}") from error
+    return net.eval()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 hex digest of a file's bytes."""
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
 
 
 def _int8_model(network: nn.Module, fp32_path: Path, int8_path: Path, input_names: Sequence[str],
@@ -371,12 +357,27 @@ def write_atomically(path: str | os.PathLike, write: Callable[[Path], object]) -
         temporary.unlink(missing_ok=True)
 
 
+def rebundle_advice(folder: str | os.PathLike, task: object = None) -> str:
+    """How to write the bundle in ``folder`` again without training (``retest=true``), for the messages that
+    refuse a bundle: the make target of ``task``, and the run folder when ``folder`` is ``<run>/<stage>/deploy``."""
+    folder = Path(folder)
+    run = folder.parent.parent
+    run_folder = (str(run) if folder.name == DEPLOY_FOLDER and (run / "run_state.json").is_file()
+                  else "<its run folder under outputs/>")
+    targets = {GRADING_TASK: "dr-distill", DISC_TASK: "glaucoma-iterations"}
+    target = targets[task] if task in TASKS else "|".join(targets.values())
+    return (f'write it again without training: make {target} ARGS="<the run\'s overrides> retest=true '
+            f'resume={run_folder}" (finisher stages - student_qat, qat-*, share-* - cannot be tested again: '
+            "use another stage of the run)")
+
+
 def load_bundle(folder: str | os.PathLike) -> Bundle:
-    """The bundle in ``folder``, checked: bundle.json readable and of format 1, a known task, every file it
-    lists present.
+    """The bundle in ``folder``, checked: bundle.json readable and of format 2, a known task, every file it
+    lists present and matching its SHA-256 in bundle.json. Format-1 bundles (no hashes; a pickled network.pt)
+    are refused with the command that writes them again.
 
     Raises:
-        BundleError: naming the folder or the missing file and what to do.
+        BundleError: naming the folder or the file and what to do.
     """
     folder = Path(folder)
     manifest_path = folder / MANIFEST_FILE
@@ -391,8 +392,12 @@ def load_bundle(folder: str | os.PathLike) -> Bundle:
     except (OSError, json.JSONDecodeError) as error:
         raise BundleError(f"{manifest_path} cannot be read ({error}): the bundle is damaged; copy it again "
                           "or train the stage again") from error
-    if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
-        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+    found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+    if found == 1:
+        raise BundleError(f"{manifest_path} has format 1: its files carry no SHA-256 and its {LEGACY_NETWORK_FILE} "
+                          "could only be read by unpickling, so it is not used; "
+                          + rebundle_advice(folder, manifest.get("task")))
+    if found != BUNDLE_FORMAT:
         raise BundleError(f"{manifest_path} has format {found!r}; this code reads format {BUNDLE_FORMAT}")
     missing = [key for key in ("task", "input_names", "preprocessing", "files") if key not in manifest]
     if missing:
@@ -403,10 +408,29 @@ def load_bundle(folder: str | os.PathLike) -> Bundle:
     files = manifest["files"]
     if not isinstance(files, dict) or not files.get("fp32"):
         raise BundleError(f"{manifest_path} lists no fp32 ONNX model: the bundle is damaged")
+    hashes = manifest.get(HASHES_KEY)
+    if not isinstance(hashes, dict):
+        # without hashes a file swapped on the way (a shared store, a copy) cannot be told from the real one
+        raise BundleError(f"{manifest_path} has no {HASHES_KEY!r} entry, so its files cannot be verified: "
+                          + rebundle_advice(folder, manifest["task"]))
     for kind, name in files.items():
-        if name and not (folder / name).is_file():
+        if not name:
+            continue
+        if not isinstance(name, str) or Path(name).name != name or name in (".", ".."):
+            raise BundleError(f"{manifest_path} lists {name!r} ({kind}), not a file name inside the bundle "
+                              "folder: the bundle is damaged or forged; do not use it")
+        if not (folder / name).is_file():
             raise BundleError(f"bundle {str(folder)!r} lists {name} ({kind}) but the file is missing: copy "
                               "the whole deploy/ folder")
+        expected = hashes.get(name)
+        if not isinstance(expected, str):
+            raise BundleError(f"{manifest_path} lists {name} ({kind}) without its SHA-256, so it cannot be "
+                              "verified: " + rebundle_advice(folder, manifest["task"]))
+        if file_sha256(folder / name) != expected.lower():
+            raise BundleError(f"{folder / name} does not match its SHA-256 in {MANIFEST_FILE}: it was changed or "
+                              "damaged after the bundle was written, and is not used. Copy the whole deploy/ "
+                              "folder again from where it was written (or its MLflow run's deploy/ artifacts); "
+                              "if the copy there differs too, " + rebundle_advice(folder, manifest["task"]))
     return Bundle(folder, manifest)
 
 
@@ -459,6 +483,7 @@ class Predictor:
                 self._imager = imager if "topo" in bundle.input_names else None
             else:
                 self._disc = disc_preprocessing_from_spec(spec)
+            self.photograph_check = PhotographCheck.from_spec(spec)
         except (KeyError, TypeError, ValueError) as error:
             message = f"bundle {str(bundle.folder)!r}: its preprocessing spec cannot be used ({error})"
             raise BundleError(message) from error
@@ -468,11 +493,12 @@ class Predictor:
         """The prediction for one file.
 
         Raises:
-            datamodules.fundus.UnreadableImageError: the file cannot be decoded.
-            NotAFundusError: it decodes, but is no usable fundus photograph (:func:`read_photograph`).
+            datamodules.photograph.UnreadableImageError: the file cannot be decoded, or only with damage.
+            datamodules.photograph.NotAFundusError: it decodes, but is no usable fundus photograph, checked as
+                training checked its photographs (``datamodules.photograph.read_photograph``).
         """
         started = time.perf_counter()
-        image = read_photograph(path)
+        image = read_photograph(path, self.photograph_check)
         if self.bundle.task == GRADING_TASK:
             return self._grade(image, started)
         return self._segment(image, started)

@@ -21,6 +21,10 @@ Layout (integers little-endian; no pickle anywhere):
     ``indices`` ``{offset, nbytes}``: the indices packed least-significant bit first, ``bits`` bits each,
     the last byte zero-padded.
 
+The ``architecture`` entry (``describe_network`` makes it, ``build_network`` rebuilds a fresh network from it
+with ``standard_builders``) is plain JSON for every network of the suite; the deployment bundle's network file
+(``compression.deploy``) carries the same entry.
+
 Decisions. The codebooks stay float32. At k = 16 a float16 codebook would save 32 bytes per layer, 0.8 kB
 for the whole VGGUNet against 202 kB of indices at base 8 and 12.9 MB at base 64; on the trained base-64
 network float16 centroids changed neither the test Dice nor the logits (RMS 0.0875 vs 0.0878 from the
@@ -39,6 +43,7 @@ better choice for these networks; lzma stays the default of the API as specified
 
 from __future__ import annotations
 
+import inspect
 import json
 import lzma
 import math
@@ -54,7 +59,10 @@ import torch
 from torch import Tensor, nn
 
 from compression.weight_sharing import shared_layers
-from lightning_modules.nets.student import build_student_net
+from lightning_modules.nets.backbones import create_backbone
+from lightning_modules.nets.student import TopoFusionNet, build_student_net
+from lightning_modules.nets.transformer_seg import ARCHITECTURE as TRANSFORMER
+from lightning_modules.nets.transformer_seg import TransformerSegNet
 from lightning_modules.nets.vgg_unet import VGGUNet
 
 MAGIC = b"RCWSHARE"
@@ -301,9 +309,83 @@ def build_dr_student(architecture: Mapping[str, Any]) -> nn.Module:
     return build_student_net(**kwargs)
 
 
+def build_transformer_segmenter(architecture: Mapping[str, Any]) -> TransformerSegNet:
+    """The transformer segmenter from ``{"kind": "transformer", "spec": net.spec()}`` (its spec has no weights
+    path: nothing is read but the file being loaded)."""
+    return TransformerSegNet.from_spec(architecture["spec"])
+
+
+#: timm arguments that would read or fetch weights while building; a classifier is rebuilt from its own file only
+_WEIGHT_SOURCES = frozenset({"pretrained", "pretrained_path", "checkpoint_path", "pretrained_cfg",
+                             "pretrained_cfg_overlay"})
+
+
+def build_timm_classifier(architecture: Mapping[str, Any]) -> nn.Module:
+    """A timm classifier (the DR teacher, the architecture baselines) from ``{"kind": "timm_classifier",
+    "kwargs": {"backbone", "num_classes", "drop_rate", "backbone_kwargs"}}``, the arguments
+    ``TeacherClassifier`` builds its network with; never downloading."""
+    kwargs = dict(architecture["kwargs"])
+    extra = dict(kwargs.get("backbone_kwargs") or {})
+    sources = sorted(_WEIGHT_SOURCES & set(extra))
+    if sources:
+        raise ValueError(f"backbone_kwargs {sources} would load weights while building the network: the file "
+                         "holds every weight")
+    return create_backbone(kwargs["backbone"], pretrained="none", num_classes=int(kwargs["num_classes"]),
+                           drop_rate=float(kwargs.get("drop_rate", 0.0)), **extra)
+
+
 def standard_builders() -> dict[str, Builder]:
-    """Builders for the two networks of this suite: ``vgg_unet`` and ``dr_student``."""
-    return {"vgg_unet": build_vgg_unet, "dr_student": build_dr_student}
+    """Builders for every network of this suite: ``vgg_unet`` (pruned widths included), ``transformer``,
+    ``dr_student`` and ``timm_classifier`` (DR teacher, baselines)."""
+    return {"vgg_unet": build_vgg_unet, TRANSFORMER: build_transformer_segmenter, "dr_student": build_dr_student,
+            "timm_classifier": build_timm_classifier}
+
+
+def build_network(architecture: Mapping[str, Any], builders: Mapping[str, Builder] | None = None) -> nn.Module:
+    """A fresh network of the architecture entry ``architecture`` (``describe_network``), weights aside.
+
+    Raises:
+        ValueError: no builder for its ``kind`` (``builders``, default ``standard_builders()``), or arguments the
+            builder refuses.
+    """
+    builders = standard_builders() if builders is None else builders
+    kind = architecture.get("kind") if isinstance(architecture, Mapping) else None
+    if kind not in builders:
+        raise ValueError(f"a {kind!r} network: networks of the kinds {sorted(builders)} can be rebuilt")
+    return builders[kind](architecture)
+
+
+def describe_network(net: nn.Module, hparams: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The architecture entry (plain JSON, ``{"kind": ..., ...}``) that ``build_network`` rebuilds ``net`` from.
+
+    A segmentation network describes itself (``spec()``: a pruned VGGUNet's widths, a TransformerSegNet's
+    encoder). The DR student and the timm classifiers (teacher, baselines) cannot: they are described by the
+    hyperparameters their LightningModule built them with (``hparams``), the pretrained source dropped since the
+    saved file holds every weight. Networks finished by QAT (``baked_qat_copy``) or weight sharing (``unshare``)
+    are plain networks of their original class, described alike.
+
+    Raises:
+        ValueError: a network of another class, or a classifier given without its hyperparameters.
+    """
+    hparams = dict(hparams or {})
+    if isinstance(net, VGGUNet):
+        return vgg_unet_architecture(net)
+    if isinstance(net, TransformerSegNet):
+        return {"kind": TRANSFORMER, "spec": net.spec()}
+    timm_model = hasattr(net, "get_classifier")  # timm's classifier interface
+    if isinstance(net, TopoFusionNet) and "backbone" in hparams:
+        accepted = set(inspect.signature(build_student_net).parameters) - {"pretrained", "pretrained_path"}
+        return {"kind": "dr_student", "kwargs": {key: hparams[key] for key in sorted(accepted & set(hparams))}}
+    if timm_model and {"backbone", "num_classes"} <= set(hparams):
+        return {"kind": "timm_classifier",
+                "kwargs": {"backbone": hparams["backbone"], "num_classes": hparams["num_classes"],
+                           "drop_rate": hparams.get("drop_rate", 0.0),
+                           "backbone_kwargs": dict(hparams.get("backbone_kwargs") or {})}}
+    # a classifier's module hyperparameters name its backbone; without them its timm model cannot be named
+    classifier = timm_model or isinstance(net, TopoFusionNet)
+    needs = " without the hyperparameters of the module that built it (backbone, num_classes)" if classifier else ""
+    raise ValueError(f"cannot describe a {type(net).__name__} network{needs}: the suite rebuilds networks of the "
+                     f"kinds {sorted(standard_builders())}")
 
 
 def _key(layer: str, attribute: str) -> str:

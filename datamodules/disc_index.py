@@ -24,7 +24,8 @@ import pandas as pd
 
 from datamodules.dr_index import IMAGE_SUFFIXES as DR_IMAGE_SUFFIXES
 from datamodules.errors import DataValidationError
-from datamodules.fundus import read_grey, read_rgb
+from datamodules.fundus import read_grey
+from datamodules.photograph import DEFAULT_CHECK, PhotographCheck, read_photograph
 
 log = logging.getLogger(__name__)
 
@@ -101,14 +102,16 @@ def binarize_mask(grey: np.ndarray, threshold: float = 0.5) -> np.ndarray:
 
 
 def load_disc_pair(
-    image_path: str | Path, mask_path: str | Path, mask_threshold: float = 0.5, resize_masks: bool = False
+    image_path: str | Path, mask_path: str | Path, mask_threshold: float = 0.5, resize_masks: bool = False,
+    check: PhotographCheck = DEFAULT_CHECK,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Decode and check one pair: (RGB uint8 image, uint8 0/1 mask of the image's size).
 
-    Raises UnreadableImageError for a file OpenCV cannot decode and InvalidMaskError for a mask of
-    another size (unless ``resize_masks``, then nearest-neighbour resized) or with no foreground.
+    Raises UnreadableImageError for a file that cannot be decoded, NotAFundusError for an image that is no
+    usable fundus photograph (``datamodules.photograph``), and InvalidMaskError for a mask of another size
+    (unless ``resize_masks``, then nearest-neighbour resized) or with no foreground.
     """
-    image = read_rgb(image_path)
+    image = read_photograph(image_path, check)
     grey = read_grey(mask_path)
     if grey.shape != image.shape[:2]:
         if not resize_masks:

@@ -25,9 +25,11 @@ from datamodules.fundus import (
     check_preprocessing_spec,
     data_fingerprint,
     load_npy_checked,
-    read_rgb,
+    skipped_files_table,
     source_key,
+    unusable_files_error,
 )
+from datamodules.photograph import PhotographCheck, read_photograph
 from datamodules.splits import SPLITS, check_splits, stratified_group_split, with_split_column
 from datamodules.synthetic import synthetic_data_banner
 from datamodules.topology import (
@@ -69,15 +71,18 @@ def evaluation_transform() -> A.Compose:
 GRADING_TASK = "grading"
 
 
-def grading_spec(preprocessing: FundusPreprocessing, imager: PersistenceImager | None) -> dict[str, Any]:
+def grading_spec(preprocessing: FundusPreprocessing, imager: PersistenceImager | None,
+                 require_field_of_view: bool = True) -> dict[str, Any]:
     """Plain (JSON) values that rebuild the per-image grading inputs; ``imager`` = the fitted persistence
-    imager of a run with topological features, else None."""
+    imager of a run with topological features, else None; ``require_field_of_view``: the photograph check's
+    (``datamodules.photograph.PhotographCheck``), so that prediction refuses what training refused."""
     return {
         "task": GRADING_TASK,
         "preprocess_version": PREPROCESS_VERSION,
         "image_size": preprocessing.image_size,
         "ben_graham": preprocessing.ben_graham,
         "imager": imager.state_dict() if imager is not None else None,
+        "require_field_of_view": require_field_of_view,
     }
 
 
@@ -164,6 +169,8 @@ class DRDataModule(LightningDataModule):
         topo_image_resolution: int = 32,
         topo_bandwidth_fraction: float = 0.05,
         cache_dir: str = ".cache",
+        skip_unusable: bool = False,
+        require_field_of_view: bool = True,
         synthetic_num_images: int = 600,
         synthetic_raw_size: int = 384,
         synthetic_class_proportions: tuple[float, ...] = (0.4, 0.15, 0.2, 0.1, 0.15),
@@ -193,8 +200,12 @@ class DRDataModule(LightningDataModule):
         self.topology = TopologyConfig(resolution=topo_resolution, min_persistence=topo_min_persistence,
                                        image_resolution=topo_image_resolution,
                                        bandwidth_fraction=topo_bandwidth_fraction)
-        self.image_cache = PreprocessedImageCache(self.cache_dir, self.preprocessing)
+        self.skip_unusable = skip_unusable
+        self.photograph_check = PhotographCheck.for_image_size(image_size, require_field_of_view)
+        self.image_cache = PreprocessedImageCache(self.cache_dir, self.preprocessing, self.photograph_check)
         self.index: pd.DataFrame | None = None
+        #: sample_id, path, reason of the files data.skip_unusable=true left out (empty: none)
+        self.skipped = skipped_files_table([], [], [])
         self.split_indices: dict[str, np.ndarray] = {}
         self.imager: PersistenceImager | None = None
         self.datasets: dict[str, FundusGradingDataset] = {}
@@ -279,14 +290,12 @@ class DRDataModule(LightningDataModule):
             return
         if self.is_synthetic and not (self.dataset_root / "train.csv").is_file():
             self.prepare_data()
-        index = self.read_index()
+        index = self._usable(self.read_index())
         labels = index["label"].to_numpy()
         groups = index["patient"].to_numpy()
         splits = stratified_group_split(labels, groups, self.val_fraction, self.test_fraction, self.seed)
         check_splits(labels, splits, NUM_GRADES)
         paths = [Path(p) for p in index["path"]]
-        log.info("Decoding and caching %d images (first run only) under %s", len(paths), self.image_cache.root)
-        self.image_cache.warm(paths, num_threads=max(2, self.num_workers))
         self.index, self.split_indices = index, splits
         topo = self._topological_features(paths, splits["train"])
         eval_tf = evaluation_transform()
@@ -300,6 +309,24 @@ class DRDataModule(LightningDataModule):
         counts = {name: class_counts(labels[idx], NUM_GRADES).tolist() for name, idx in splits.items()}
         log.info("DR data (%s, %d images): images per grade %s; class weights %s", self.format, len(index),
                  counts, np.round(self.class_weights, 3).tolist())
+
+    def _usable(self, index: pd.DataFrame) -> pd.DataFrame:
+        """Decode, check and cache every image before anything trains: the index of the usable ones. An unusable
+        file stops the run, listed with its reason, unless ``skip_unusable`` (then it is left out and listed
+        in ``self.skipped``)."""
+        paths = index["path"].tolist()
+        log.info("Decoding, checking and caching %d images (first run only) under %s", len(paths),
+                 self.image_cache.root)
+        problems = self.image_cache.warm([Path(p) for p in paths], num_threads=max(2, self.num_workers))
+        if not problems:
+            return index
+        if not self.skip_unusable:
+            raise unusable_files_error(problems, len(paths), "images",
+                                       "replace or delete these files and remove their rows from the label CSV.")
+        self.skipped = skipped_files_table(index["sample_id"].tolist(), paths, problems)
+        log.warning("data.skip_unusable=true: training without %d unusable image(s) of %d:\n%s", len(problems),
+                    len(paths), "\n".join(f"  - {message}" for _, message in problems[:20]))
+        return index.drop(index.index[[position for position, _ in problems]]).reset_index(drop=True)
 
     def _diagrams(self, path: Path) -> list[np.ndarray]:
         """Persistence diagrams of one image, cached on disk next to its preprocessed image."""
@@ -322,12 +349,14 @@ class DRDataModule(LightningDataModule):
     def inference_spec(self) -> dict[str, Any]:
         """What a deployment bundle needs to prepare a photograph as this module does (``grading_spec``)."""
         self._require_setup()  # the persistence imager is fitted in setup
-        return grading_spec(self.preprocessing, self.imager if self.use_topology else None)
+        return grading_spec(self.preprocessing, self.imager if self.use_topology else None,
+                            self.photograph_check.require_field_of_view)
 
     def inference_inputs(self, path: str | Path, with_topology: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """The clinic's per-image path, uncached: decode, preprocess, topology, normalise -> batch of 1."""
         imager = self.imager if self.use_topology and with_topology else None
-        image, topo, _ = grading_network_inputs(read_rgb(path), self.preprocessing, imager)
+        image, topo, _ = grading_network_inputs(read_photograph(path, self.photograph_check), self.preprocessing,
+                                                imager)
         return image, topo
 
     # ---------------------------------------------------------------------------- dataloaders

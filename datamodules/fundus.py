@@ -19,38 +19,30 @@ from typing import Any
 
 import cv2
 import numpy as np
+import pandas as pd
 
 from datamodules.errors import DataValidationError
+
+# decoding and the fundus-photograph check live in datamodules.photograph (imported from here too)
+from datamodules.photograph import (
+    RETINA_THRESHOLD,
+    UNUSABLE_PHOTOGRAPH_ERRORS,
+    PhotographCheck,
+    UnreadableImageError,
+    read_bytes,
+    read_photograph,
+    retina_bounding_box,
+)
 
 log = logging.getLogger(__name__)
 
 # Bumped whenever the preprocessing code changes what it writes, so stale cache entries are ignored.
 PREPROCESS_VERSION = 1
 
-# Pixels darker than this (0-255 grey) are treated as the black surround of the retina. Camera
-# borders are rarely pure 0 after JPEG compression, hence a small positive value.
-RETINA_THRESHOLD = 10
-
-
-class UnreadableImageError(ValueError):
-    """An image file that OpenCV cannot decode (missing, truncated, not an image)."""
-
-
-def _read_bytes(path: Path) -> np.ndarray:
-    # np.fromfile + imdecode rather than cv2.imread: imread returns None without saying why, and
-    # cannot open non-ASCII paths on Windows.
-    if not path.is_file():
-        raise UnreadableImageError(f"{path}: file does not exist")
-    data = np.fromfile(str(path), dtype=np.uint8)
-    if data.size == 0:
-        raise UnreadableImageError(f"{path}: file is empty")
-    return data
-
-
 def read_rgb(path: str | Path) -> np.ndarray:
     """Decode an image file to an RGB uint8 array, or raise UnreadableImageError naming the file."""
     path = Path(path)
-    data = _read_bytes(path)
+    data = read_bytes(path)
     image = cv2.imdecode(data, cv2.IMREAD_COLOR)
     if image is None:
         raise UnreadableImageError(f"{path}: not a readable image (corrupt, truncated or not an image format)")
@@ -66,20 +58,10 @@ def read_grey(path: str | Path) -> np.ndarray:
     their palette, so every mask ends up on the same 0-255 scale.
     """
     path = Path(path)
-    image = cv2.imdecode(_read_bytes(path), cv2.IMREAD_GRAYSCALE)
+    image = cv2.imdecode(read_bytes(path), cv2.IMREAD_GRAYSCALE)
     if image is None:
         raise UnreadableImageError(f"{path}: not a readable image (corrupt, truncated or not an image format)")
     return image
-
-
-def retina_bounding_box(image: np.ndarray, threshold: int = RETINA_THRESHOLD) -> tuple[int, int, int, int]:
-    """(top, bottom, left, right) of the pixels brighter than ``threshold``; the whole image if none."""
-    grey = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
-    rows = np.flatnonzero((grey > threshold).any(axis=1))
-    cols = np.flatnonzero((grey > threshold).any(axis=0))
-    if rows.size == 0 or cols.size == 0:
-        return 0, image.shape[0], 0, image.shape[1]
-    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
 
 
 def crop_to_retina(image: np.ndarray, threshold: int = RETINA_THRESHOLD) -> np.ndarray:
@@ -290,9 +272,10 @@ def failures_in_threads(
     load: Callable[..., object],
     items: Sequence[object],
     num_threads: int = 2,
-    errors: tuple[type[Exception], ...] = (UnreadableImageError,),
-) -> list[str]:
-    """Call ``load`` on every item in a thread pool; the messages of the calls that raised one of ``errors``.
+    errors: tuple[type[Exception], ...] = UNUSABLE_PHOTOGRAPH_ERRORS,
+) -> list[tuple[int, str]]:
+    """Call ``load`` on every item in a thread pool; (position, message) of the calls that raised one of
+    ``errors``.
 
     The warm-up of the caches: every file is tried, so all bad ones are reported together.
     """
@@ -306,14 +289,40 @@ def failures_in_threads(
         return None
 
     with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
-        return [p for p in pool.map(load_one, items) if p is not None]
+        return [(position, problem) for position, problem in enumerate(pool.map(load_one, items))
+                if problem is not None]
+
+
+def unusable_files_error(problems: Sequence[tuple[int, str]], total: int, what: str,
+                         fix: str) -> DataValidationError:
+    """The error that stops a run whose data holds unusable files (``problems`` from ``failures_in_threads``)."""
+    return DataValidationError(
+        f"{len(problems)} of {total} {what} cannot be used; nothing was trained",
+        [problem for _, problem in problems],
+        fix=f"{fix} Or set data.skip_unusable=true to train without them: they are then listed in the run's "
+            "skipped_files.csv (an MLflow artifact) and counted as data/skipped_files.",
+    )
+
+
+def skipped_files_table(sample_ids: Sequence[str], paths: Sequence[str],
+                        problems: Sequence[tuple[int, str]]) -> pd.DataFrame:
+    """sample_id, path, reason of the files ``data.skip_unusable=true`` left out (positions into the ids)."""
+    return pd.DataFrame({"sample_id": [sample_ids[position] for position, _ in problems],
+                         "path": [paths[position] for position, _ in problems],
+                         "reason": [problem.removeprefix(f"{paths[position]}: ") for position, problem in problems]},
+                        columns=["sample_id", "path", "reason"])
 
 
 class PreprocessedImageCache:
-    """Preprocessed fundus images on disk, one ``.npy`` per (source file, preprocessing)."""
+    """Preprocessed fundus images on disk, one ``.npy`` per (source file, preprocessing, photograph check).
 
-    def __init__(self, cache_dir: str | Path, preprocessing: FundusPreprocessing):
-        self.root = Path(cache_dir) / "preprocessed" / preprocessing.key
+    Only photographs that pass ``check`` are cached, so an entry is a checked photograph.
+    """
+
+    def __init__(self, cache_dir: str | Path, preprocessing: FundusPreprocessing,
+                 check: PhotographCheck | None = None):
+        self.check = check or PhotographCheck.for_image_size(preprocessing.image_size)
+        self.root = Path(cache_dir) / "preprocessed" / f"{preprocessing.key}-{self.check.key}"
         self.preprocessing = preprocessing
 
     def _entry(self, source: Path) -> Path:
@@ -321,7 +330,7 @@ class PreprocessedImageCache:
         return self.root / key[:2] / f"{key}.npy"
 
     def load(self, source: str | Path) -> np.ndarray:
-        """The preprocessed image, decoding and caching the source on a miss or a corrupt entry."""
+        """The preprocessed image, decoding, checking and caching the source on a miss or a corrupt entry."""
         source = Path(source)
         if not source.is_file():
             raise UnreadableImageError(f"{source}: file does not exist")
@@ -330,20 +339,14 @@ class PreprocessedImageCache:
         cached = load_npy_checked(entry, (size, size, 3), np.dtype(np.uint8))
         if cached is not None:
             return cached
-        image = self.preprocessing(read_rgb(source))
+        image = self.preprocessing(read_photograph(source, self.check))
         atomic_save_npy(entry, image)
         return image
 
-    def warm(self, sources: list[Path], num_threads: int = 2) -> None:
-        """Decode and cache every source, collecting all unreadable files into one error.
+    def warm(self, sources: list[Path], num_threads: int = 2) -> list[tuple[int, str]]:
+        """Decode, check and cache every source; (position, message) of every unusable one.
 
         Runs before training so a truncated JPEG found at epoch 7 cannot crash a night's run.
         OpenCV releases the GIL while decoding, so threads give a real speed-up.
         """
-        problems = failures_in_threads(self.load, sources, num_threads)
-        if problems:
-            raise DataValidationError(
-                f"{len(problems)} of {len(sources)} images cannot be read",
-                problems,
-                fix="replace or delete these files and remove their rows from the label CSV, then rerun.",
-            )
+        return failures_in_threads(self.load, sources, num_threads)

@@ -37,11 +37,13 @@ from datamodules.fundus import (
     data_fingerprint,
     failures_in_threads,
     load_npy_checked,
-    read_rgb,
     resize_square,
     retina_square_crop,
+    skipped_files_table,
     source_key,
+    unusable_files_error,
 )
+from datamodules.photograph import UNUSABLE_PHOTOGRAPH_ERRORS, PhotographCheck, read_photograph
 from datamodules.splits import SPLITS, check_fold_arguments, kfold_with_test_split, with_split_column
 from datamodules.synthetic import synthetic_data_banner
 
@@ -107,9 +109,11 @@ class DiscPreprocessing:
 DISC_TASK = "disc"
 
 
-def disc_spec(preprocessing: DiscPreprocessing) -> dict[str, Any]:
-    """Plain (JSON) values that rebuild ``preprocessing`` (:func:`disc_preprocessing_from_spec`)."""
-    return {"task": DISC_TASK, "preprocess_version": DISC_PREPROCESS_VERSION, **asdict(preprocessing)}
+def disc_spec(preprocessing: DiscPreprocessing, require_field_of_view: bool = True) -> dict[str, Any]:
+    """Plain (JSON) values that rebuild ``preprocessing`` (:func:`disc_preprocessing_from_spec`), and the
+    photograph check's ``require_field_of_view``, so that prediction refuses what training refused."""
+    return {"task": DISC_TASK, "preprocess_version": DISC_PREPROCESS_VERSION, **asdict(preprocessing),
+            "require_field_of_view": require_field_of_view}
 
 
 def disc_preprocessing_from_spec(spec: dict[str, Any]) -> DiscPreprocessing:
@@ -139,8 +143,10 @@ class PreprocessedPairCache:
     holds both source files (path, size, mtime) and every preprocessing parameter.
     """
 
-    def __init__(self, cache_dir: str | Path, preprocessing: DiscPreprocessing):
-        self.root = Path(cache_dir) / "preprocessed_disc" / preprocessing.key
+    def __init__(self, cache_dir: str | Path, preprocessing: DiscPreprocessing,
+                 check: PhotographCheck | None = None):
+        self.check = check or PhotographCheck.for_image_size(preprocessing.image_size)
+        self.root = Path(cache_dir) / "preprocessed_disc" / f"{preprocessing.key}-{self.check.key}"
         self.preprocessing = preprocessing
 
     def _entry(self, image_path: Path, mask_path: Path) -> Path:
@@ -161,21 +167,15 @@ class PreprocessedPairCache:
         if cached is not None:
             log.warning("Cache entry %s holds a mask that is not 0/1: rebuilding it", entry)
         pair = load_disc_pair(image_path, mask_path, self.preprocessing.mask_threshold,
-                              self.preprocessing.resize_masks)
+                              self.preprocessing.resize_masks, self.check)
         image, mask = self.preprocessing(*pair)
         atomic_save_npy(entry, np.dstack([image, mask]))
         return image, mask
 
-    def warm(self, pairs: list[tuple[Path, Path]], num_threads: int = 2) -> None:
-        """Decode, check and cache every pair, collecting every unusable file into one error before training."""
-        problems = failures_in_threads(lambda pair: self.load(*pair), pairs, num_threads,
-                                       errors=(UnreadableImageError, InvalidMaskError))
-        if problems:
-            raise DataValidationError(
-                f"{len(problems)} of {len(pairs)} image/mask pairs cannot be used",
-                problems,
-                fix="replace or delete these files (an image together with its mask), then rerun.",
-            )
+    def warm(self, pairs: list[tuple[Path, Path]], num_threads: int = 2) -> list[tuple[int, str]]:
+        """Decode, check and cache every pair before training; (position, message) of every unusable one."""
+        return failures_in_threads(lambda pair: self.load(*pair), pairs, num_threads,
+                                   errors=(*UNUSABLE_PHOTOGRAPH_ERRORS, InvalidMaskError))
 
 
 def disc_training_transform(seed: int | None = None) -> A.Compose:
@@ -263,6 +263,8 @@ class DiscDataModule(LightningDataModule):
         augment: bool = True,
         hard_cases: list[str] | str | None = None,
         cache_dir: str = ".cache",
+        skip_unusable: bool = False,
+        require_field_of_view: bool = True,
         synthetic_num_images: int = 200,
         synthetic_raw_size: int = 320,
         synthetic_seed: int = 0,
@@ -295,8 +297,12 @@ class DiscDataModule(LightningDataModule):
             clahe_clip_limit=clahe_clip_limit, clahe_tile_grid=clahe_tile_grid, mask_threshold=mask_threshold,
             resize_masks=resize_masks,
         )
-        self.pair_cache = PreprocessedPairCache(self.cache_dir, self.preprocessing)
+        self.skip_unusable = skip_unusable
+        self.photograph_check = PhotographCheck.for_image_size(image_size, require_field_of_view)
+        self.pair_cache = PreprocessedPairCache(self.cache_dir, self.preprocessing, self.photograph_check)
         self.index: pd.DataFrame | None = None
+        #: sample_id, path, reason of the pairs data.skip_unusable=true left out (empty: none)
+        self.skipped = skipped_files_table([], [], [])
         self.hard: np.ndarray | None = None
         self.split_indices: dict[str, np.ndarray] = {}
         self.datasets: dict[str, DiscSegmentationDataset] = {}
@@ -414,16 +420,12 @@ class DiscDataModule(LightningDataModule):
             return
         if self.is_synthetic and not (self.dataset_root / "params.json").is_file():
             self.prepare_data()
-        index = read_disc_folder_index(self.dataset_root)
+        index = self._usable(read_disc_folder_index(self.dataset_root))
         hard = self._hard_flags(index["sample_id"])
         # ODIR-5K's <patient>_left/_right: both eyes of a patient stay in one split
         patients = index["sample_id"].map(patient_of_eye).to_numpy()
         splits = kfold_with_test_split(len(index), self.num_folds, self.fold, self.test_fraction, self.seed,
                                        strata=hard if hard.any() else None, groups=patients)
-        pairs = [(Path(i), Path(m)) for i, m in zip(index["image_path"], index["mask_path"], strict=True)]
-        log.info("Decoding and caching %d image/mask pairs (first run only) under %s", len(pairs),
-                 self.pair_cache.root)
-        self.pair_cache.warm(pairs, num_threads=max(2, self.num_workers))
         self.index, self.hard, self.split_indices = index, hard, splits
         eval_tf = evaluation_transform()
         train_tf = disc_training_transform(self.seed) if self.augment else eval_tf
@@ -437,6 +439,24 @@ class DiscDataModule(LightningDataModule):
         log.info("Optic-disc data (%s, %d pairs, fold %d of %d): %s", self.format, len(index), self.fold,
                  self.num_folds, sizes)
 
+    def _usable(self, index: pd.DataFrame) -> pd.DataFrame:
+        """Decode, check and cache every pair before anything trains: the index of the usable ones. An unusable
+        pair stops the run, listed with its reason, unless ``skip_unusable`` (then it is left out and listed in
+        ``self.skipped``)."""
+        pairs = [(Path(i), Path(m)) for i, m in zip(index["image_path"], index["mask_path"], strict=True)]
+        log.info("Decoding, checking and caching %d image/mask pairs (first run only) under %s", len(pairs),
+                 self.pair_cache.root)
+        problems = self.pair_cache.warm(pairs, num_threads=max(2, self.num_workers))
+        if not problems:
+            return index
+        if not self.skip_unusable:
+            raise unusable_files_error(problems, len(pairs), "image/mask pairs",
+                                       "replace or delete these files (an image together with its mask).")
+        self.skipped = skipped_files_table(index["sample_id"].tolist(), index["image_path"].tolist(), problems)
+        log.warning("data.skip_unusable=true: training without %d unusable pair(s) of %d:\n%s", len(problems),
+                    len(pairs), "\n".join(f"  - {message}" for _, message in problems[:20]))
+        return index.drop(index.index[[position for position, _ in problems]]).reset_index(drop=True)
+
     # ------------------------------------------------------------------------------ inference
     def preprocess_image(self, image_rgb: np.ndarray) -> tuple[np.ndarray, SquareCrop]:
         """The model's uint8 RGB input and the crop box (``box.to_source(mask)`` maps a prediction back)."""
@@ -444,11 +464,11 @@ class DiscDataModule(LightningDataModule):
 
     def inference_spec(self) -> dict[str, Any]:
         """What a deployment bundle needs to prepare a photograph as this module does (:func:`disc_spec`)."""
-        return disc_spec(self.preprocessing)
+        return disc_spec(self.preprocessing, self.photograph_check.require_field_of_view)
 
     def inference_inputs(self, path: str | Path) -> tuple[torch.Tensor]:
         """The clinic's per-image path, uncached: decode, crop, resize, CLAHE, normalise -> ((1,3,H,W),)."""
-        return (disc_network_input(read_rgb(path), self.preprocessing)[0],)
+        return (disc_network_input(read_photograph(path, self.photograph_check), self.preprocessing)[0],)
 
     # ---------------------------------------------------------------------------- dataloaders
     def _loader(self, split: str, shuffle: bool = False) -> DataLoader:

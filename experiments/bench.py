@@ -269,15 +269,17 @@ def _dr_pipeline(cfg: DictConfig, mode: str, run_dir: Path | None) -> Pipeline:
                 checkpoints[name] = checkpoint
         datamodule = _ready_datamodule(_run_config(run_dir).data)
         _check_test_split(run_dir, datamodule)
-        # pretrained="none": the checkpoints hold every weight; nothing is fetched
+        # pretrained="none": the checkpoints hold every weight; nothing is fetched. weights_only: plain values and
+        # tensors only, never unpickled objects (bench.dr_run_dir may name a run someone else wrote)
         modules = {}
         if "teacher" in checkpoints:
             modules["teacher"] = TeacherClassifier.load_from_checkpoint(
-                checkpoints["teacher"], map_location="cpu", pretrained="none", pretrained_path=None)
+                checkpoints["teacher"], map_location="cpu", pretrained="none", pretrained_path=None,
+                weights_only=True)
         if "student" in checkpoints:
             modules["student"] = StudentDistiller.load_from_checkpoint(
                 checkpoints["student"], map_location="cpu", pretrained="none", pretrained_path=None,
-                teacher_checkpoint=None)
+                teacher_checkpoint=None, weights_only=True)
         source = f"trained: {run_dir}"
     else:
         datamodule = _ready_datamodule(cfg.data)

@@ -30,6 +30,9 @@ BASE_ARM = "base"
 COMPARE_ARM = "compare"
 #: ``chain.finish_after`` value that finishes every stage of the chain
 ALL_STAGES = "all"
+#: run_state.json statuses of a stage that the summary shows (a failed one: a finisher whose deployable file
+#: failed its parity check, see experiments.runner.run_finisher)
+DONE, FAILED = "done", "failed"
 #: relative Dice tolerance of the liminal point: conf/chain/default.yaml's ``chain.liminal_tolerance``, and the
 #: value for runs whose config or params lack it
 DEFAULT_LIMINAL_TOLERANCE = 0.05
@@ -147,28 +150,38 @@ SUMMARY_COLUMNS: dict[str, tuple[str, str]] = {
 
 
 def summary_table(stages: list[ChainStage], results: dict[str, dict[str, Any]]) -> pd.DataFrame:
-    """One row per finished stage, in chain order, with cumulative train time per arm.
+    """One row per finished or failed stage, in chain order, with cumulative train time per arm.
 
-    Cumulative time counts what it took to obtain the network: for the prune arm, iteration 1 and
-    every earlier prune; for a distilled network, iteration 1 (its teacher) and its own training; for a
-    finisher, its source's cumulative time and its own fine-tuning; for a comparison, its own training.
+    ``status`` is ``done`` or ``failed``; a failed stage (a finisher whose deployable file failed its parity
+    check) has its reason as ``note`` and no measurements (NaN). Cumulative time counts what it took to obtain
+    the network: for the prune arm, iteration 1 and every earlier prune; for a distilled network, iteration 1
+    (its teacher) and its own training; for a finisher, its source's cumulative time and its own fine-tuning;
+    for a comparison, its own training.
     ``base`` is a nullable integer column: a comparison stage has none (<NA>, an empty cell in the CSV).
     """
     rows = []
     cumulative: dict[str, float] = {}
     for stage in stages:
         result = results.get(stage.name)
-        if result is None or result.get("status") != "done":
+        status = None if result is None else result.get("status")
+        if status not in (DONE, FAILED):
             continue
-        row: dict[str, Any] = {"stage": stage.name, "arm": stage.arm, "base": stage.base}
+        row: dict[str, Any] = {"stage": stage.name, "arm": stage.arm, "base": stage.base, "status": status}
         for column, (section, key) in SUMMARY_COLUMNS.items():
             row[column] = float(result.get(section, {}).get(key, math.nan))
+        if status == FAILED:
+            # nothing deployable came of it: no time to add up along its arm
+            row["cumulative_train_time_s"] = math.nan
+            row["note"] = str(result.get("error", "failed"))
+            rows.append(row)
+            continue
         own_time = 0.0 if math.isnan(row["train_time_s"]) else row["train_time_s"]
         before = cumulative.get(stage.source, 0.0) if stage.source else 0.0
         cumulative[stage.name] = before + own_time
         row["cumulative_train_time_s"] = cumulative[stage.name]
+        row["note"] = ""
         rows.append(row)
-    columns = ["stage", "arm", "base", *SUMMARY_COLUMNS, "cumulative_train_time_s"]
+    columns = ["stage", "arm", "base", "status", *SUMMARY_COLUMNS, "cumulative_train_time_s", "note"]
     table = pd.DataFrame(rows, columns=columns)
     table["base"] = table["base"].astype("Int64")
     reference = table[table["arm"] == BASE_ARM]
@@ -185,6 +198,8 @@ def liminal_points(table: pd.DataFrame, tolerance: float = DEFAULT_LIMINAL_TOLER
     Comparison stages are no candidates: they are another architecture, not a compression of iteration 1.
     """
     table = table[table["arm"] != COMPARE_ARM]
+    if "status" in table:  # summaries written before failed stages were listed have no status: all done
+        table = table[table["status"] == DONE]
     reference = table[table["arm"] == BASE_ARM]
     if reference.empty:
         return {}
@@ -230,6 +245,17 @@ def describe_liminal(points: dict[str, dict[str, Any] | None], tolerance: float)
             lines.append(f"- {arm}: {point['stage']} (Dice {point['dice']:.4f}, edge-case detection "
                          f"{point['edge_case_detection']:.3f}, {point['latency_ms']:.2f} ms, "
                          f"{point['size_bytes'] / 1e6:.2f} MB)")
+    return "\n".join(lines)
+
+
+def describe_failures(table: pd.DataFrame) -> str:
+    """Markdown lines naming the failed stages of a summary table and why (empty without any)."""
+    rows = table[table["status"] == FAILED] if "status" in table else table.iloc[:0]
+    if rows.empty:
+        return ""
+    lines = ["Failed stages (their deployable file failed its parity check and is not to be used; rerun with "
+             "resume to retry them):"]
+    lines += [f"- {row.stage}: {row.note}" for row in rows.itertuples()]
     return "\n".join(lines)
 
 

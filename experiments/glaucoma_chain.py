@@ -24,6 +24,8 @@ from __future__ import annotations
 import logging
 import math
 import sys
+import tempfile
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -42,17 +44,23 @@ from experiments.chain_summary import (
     FINISHERS,
     ChainStage,
     describe_comparisons,
+    describe_failures,
     describe_liminal,
     liminal_points,
     plan_chain,
     summary_table,
 )
+from experiments.config_checks import ConfigError, check_disc_config, instantiation_problem
 from experiments.runner import (
+    FinisherFailures,
     RunContext,
+    build_callbacks,
     check_retest,
     finishing,
     fit_and_test_stage,
+    raise_for_failed_finishers,
     retest_stage,
+    run_finisher,
     start_invocation,
 )
 from lightning_modules.nets.networks import VGG_UNET, save_network
@@ -117,9 +125,13 @@ def _stage_tags(stage: ChainStage) -> dict[str, str]:
     return {"arm": stage.arm, "base": "-" if stage.base is None else str(stage.base)}
 
 
-def _stage_module(cfg: DictConfig, stage: ChainStage, results: dict[str, dict[str, Any]]) -> DiscSegmenter:
+def _stage_module(cfg: DictConfig, stage: ChainStage, results: dict[str, dict[str, Any]],
+                  trial: bool = False) -> DiscSegmenter:
+    """The stage's module; ``trial`` builds one with the same arguments but a fresh network of the stage's base
+    in place of its source network (which only the earlier stages produce): see ``_build_every_stage``."""
     chain = cfg.chain
     kd = _kd_arguments(cfg)
+    source = {"base": stage.base} if trial else {"network_path": results.get(stage.source, {}).get("network")}
     if stage.arm == COMPARE_ARM:
         # another architecture, built as its config says (fresh, or from its own pretrained encoder)
         return instantiate(_segmenter_config(cfg, stage), **kd)
@@ -127,13 +139,13 @@ def _stage_module(cfg: DictConfig, stage: ChainStage, results: dict[str, dict[st
         return instantiate(cfg.model.segmenter, base=stage.base, **kd)
     if stage.arm == "prune":
         # starts from the previous iteration's network; the StructuredPruning callback halves it
-        return instantiate(cfg.model.segmenter, network_path=results[stage.source]["network"], vgg16_weights=None,
-                           lr=chain.finetune.lr, pct_start=chain.finetune.pct_start, **kd)
+        return instantiate(cfg.model.segmenter, **source, vgg16_weights=None, lr=chain.finetune.lr,
+                           pct_start=chain.finetune.pct_start, **kd)
     if stage.arm in FINISHERS:
         # a copy of a trained network, fine-tuned gently: it is already good, only the rounding is new
         tune = chain[stage.arm]
-        return instantiate(cfg.model.segmenter, network_path=results[stage.source]["network"], vgg16_weights=None,
-                           lr=tune.lr, pct_start=tune.pct_start, **kd)
+        return instantiate(cfg.model.segmenter, **source, vgg16_weights=None, lr=tune.lr, pct_start=tune.pct_start,
+                           **kd)
     # a fresh, smaller network: ImageNet VGG16 weights only fit base 64
     return instantiate(cfg.model.segmenter, base=stage.base, vgg16_weights=None, **kd)
 
@@ -146,7 +158,7 @@ def _stage_callbacks(cfg: DictConfig, stage: ChainStage, results: dict[str, dict
     if stage.arm == "prune":
         callbacks.append(instantiate(chain.callbacks.pruning, ratio=stage.prune_ratio))
         callbacks.append(instantiate(chain.callbacks.dropout_toggle))
-    elif stage.arm == "kd":
+    elif stage.arm == "kd" and stage.source in results:  # a trial build (no teacher yet) goes without it
         callbacks.append(instantiate(chain.callbacks.distillation, teacher_path=results[stage.source]["network"]))
     elif stage.arm in FINISHERS:
         # dropout stays off while the weights learn their rounding (see QuantizationAwareTraining's measurements)
@@ -154,6 +166,27 @@ def _stage_callbacks(cfg: DictConfig, stage: ChainStage, results: dict[str, dict
         finisher = chain.callbacks.qat if stage.arm == "qat" else chain.callbacks.weight_sharing
         callbacks.append(instantiate(finisher, output_dir=str(stage_dir)))
     return callbacks
+
+
+def _build_every_stage(cfg: DictConfig, ctx: RunContext, stages: list[ChainStage]) -> None:
+    """Build each unfinished stage's module and callbacks once, and drop them, before the first stage trains: an
+    argument a class does not take or refuses fails in seconds, not after iteration 1 has trained. Comparison
+    models were built by ``_check_models``; a stage that starts from an earlier stage's network is tried on a
+    fresh network of its base."""
+    problems = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for stage in stages:
+            if ctx.state.stage_done(stage.name) or stage.arm == COMPARE_ARM:
+                continue
+            stage_dir = Path(scratch) / stage.name
+            try:
+                _stage_module(cfg, stage, {}, trial=True)
+                _stage_callbacks(cfg, stage, {}, stage_dir)
+                build_callbacks(cfg.callbacks, stage_dir, _FINISHER_OVERRIDES if stage.arm in FINISHERS else None)
+            except Exception as error:  # whatever a constructor raises: the stage could not start
+                problems.append(instantiation_problem(f"stage {stage.name}", error))
+    if problems:
+        raise ConfigError(problems)
 
 
 def _trainer_overrides(cfg: DictConfig, stage: ChainStage) -> dict[str, Any]:
@@ -173,12 +206,13 @@ def _restore_hard_cases(ctx: RunContext, dm: DiscDataModule, first: ChainStage,
 
 def run_glaucoma_chain(cfg: DictConfig) -> float | None:
     """Run (or resume) the chain; returns the last stage's best validation Dice (for sweepers)."""
+    check_disc_config(cfg)  # types and ranges of the settings, before anything is read or started
     compare = list(cfg.chain.get("compare") or [])
     stages = plan_chain(list(cfg.chain.bases), list(cfg.chain.arms), list(cfg.chain.get("finishers") or []),
                         list(cfg.chain.get("finish_after") or []), compare)
     _check_models(cfg, compare)
     check_retest(cfg, [stage.name for stage in stages])
-    run = start_invocation(cfg)
+    run = start_invocation(cfg, preflight=lambda ctx, dm: _build_every_stage(cfg, ctx, stages))
     ctx, dm = run.ctx, run.datamodule
     log.info("Chain of %d stages: %s", len(stages), ", ".join(s.name for s in stages))
     results = ctx.state.stages
@@ -190,11 +224,15 @@ def run_glaucoma_chain(cfg: DictConfig) -> float | None:
                 _retest_stage(ctx, cfg, stage, dm, run.tags)
             elif ctx.state.stage_done(stage.name):
                 log.info("Stage %s already finished in %s: skipping it", stage.name, ctx.run_dir)
+            elif stage.arm in FINISHERS:
+                # a finisher whose file fails its parity check fails alone: recorded, and reported at the end
+                run_finisher(ctx, stage.name, partial(_run_stage, ctx, cfg, stage, dm, run.files, run.tags))
             else:
                 _run_stage(ctx, cfg, stage, dm, run.files, run.tags)
             best_val = results[stage.name].get("best_val")
         if ctx.primary:  # under DDP rank 0 alone writes the summary and talks to MLflow
             _log_summary(ctx, run.parent_run_id, summary_table(stages, results), float(cfg.chain.liminal_tolerance))
+        raise_for_failed_finishers(ctx, [stage.name for stage in stages])
     return best_val
 
 
@@ -241,8 +279,8 @@ def _log_summary(ctx: RunContext, parent: str, table, tolerance: float) -> None:
     # a comparison stage has no base: "-" rather than pandas' <NA>
     shown = table.assign(size_MB=table["size_bytes"] / 1e6,
                          base=[("-" if pd.isna(base) else int(base)) for base in table["base"]])
-    shown = shown.drop(columns=["size_bytes"])
-    notes = [describe_liminal(points, tolerance), describe_comparisons(table)]
+    shown = shown.drop(columns=["size_bytes", "note"])  # a failed stage's note is listed below the table
+    notes = [describe_liminal(points, tolerance), describe_comparisons(table), describe_failures(table)]
     markdown = (shown.to_markdown(index=False, floatfmt=".4g") + "\n\n"
                 + "\n\n".join(note for note in notes if note) + "\n")
     csv_path, md_path = ctx.run_dir / "summary.csv", ctx.run_dir / "summary.md"
@@ -272,6 +310,12 @@ def main(cfg: DictConfig) -> float | None:
     except DataValidationError as error:
         log.error("Data problem, nothing was trained:\n%s", error)
         sys.exit(2)
+    except ConfigError as error:
+        log.error("%s", error)
+        sys.exit(2)
+    except FinisherFailures as error:
+        log.error("%s", error)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

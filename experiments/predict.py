@@ -11,7 +11,7 @@ passed over (a stage tested before bundles existed has none). Every top-level fi
 name order; each gets a row with its ``status``:
 
 * ``ok``: predicted;
-* ``skipped``: unreadable, or no usable fundus photograph (``compression.deploy.read_photograph``: e.g.
+* ``skipped``: unreadable, or no usable fundus photograph (``datamodules.photograph.read_photograph``, the check training applies: e.g.
   almost black, greyscale, transparent parts); ``reason`` says which;
 * ``failed``: anything else went wrong with that file; ``reason`` is the error's type and message (its
   traceback is logged at debug level). The other files are still predicted.
@@ -66,13 +66,12 @@ from compression.deploy import (
     BundleError,
     DiscPrediction,
     GradingPrediction,
-    NotAFundusError,
     Predictor,
     load_bundle,
     write_atomically,
 )
 from compression.export import quiet_onnx_tool_logs
-from datamodules.fundus import UnreadableImageError
+from datamodules.photograph import NotAFundusError, UnreadableImageError
 from experiments.chain_summary import BASE_ARM, DEFAULT_LIMINAL_TOLERANCE, FINISHERS, liminal_points
 from experiments.stages import DR_FINISHERS, DR_STAGES, run_key_as_overrides
 from experiments.tracking import child_runs, default_tracking_uri, is_parent, read_csv_artifact

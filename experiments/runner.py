@@ -19,8 +19,10 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, DeviceStatsMonitor, LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
+from compression.parity import DeployableParityError
 from experiments.distributed import (
     FAILED,
+    PrimaryStageError,
     check_accelerator,
     check_single_run_for_ddp,
     is_primary_process,
@@ -146,11 +148,14 @@ class Invocation:
     parent_run_id: str | None
 
 
-def start_invocation(cfg: DictConfig) -> Invocation:
+def start_invocation(cfg: DictConfig, preflight: Callable[[RunContext, Any], None] | None = None) -> Invocation:
     """Seed, read and validate the data (before anything trains), then open (or reopen) the parent run.
 
-    The datamodule must offer ``prepare_data``, ``setup``, ``split_table()``, ``fingerprint`` and ``is_synthetic``.
-    A trainer that wants GPUs this machine lacks stops everything first. A follower process (DDP rank > 0) reads
+    The datamodule must offer ``prepare_data``, ``setup``, ``split_table()``, ``fingerprint`` and ``is_synthetic``,
+    and may offer ``skipped`` (the files ``data.skip_unusable=true`` left out: saved as skipped_files.csv).
+    ``preflight(ctx, datamodule)`` runs after the data is set up and before the parent run is opened (see
+    ``experiments.config_checks.ConfigError``). A trainer that wants GPUs this machine lacks stops everything
+    first. A follower process (DDP rank > 0) reads
     the same data and writes nothing: its invocation has no files, tags or parent run of its own.
     """
     check_accelerator(cfg.trainer, torch.cuda.is_available(), torch.cuda.device_count())
@@ -163,17 +168,25 @@ def start_invocation(cfg: DictConfig) -> Invocation:
     with _file_lock(Path(cfg.paths.cache_dir).resolve() / ".prepare-data.lock"):
         datamodule.prepare_data()
         datamodule.setup()  # validates every file and split: bad data stops the run here, with the list of problems
+    if preflight is not None:  # e.g. every stage's module built once: a bad argument fails now, not after a stage
+        preflight(ctx, datamodule)
     if not ctx.primary:
         return Invocation(ctx, datamodule, [], {}, ctx.state.parent_run_id)
     config_file = save_resolved_config(cfg, ctx.run_dir / "config.yaml")
     split_file = ctx.run_dir / "splits.csv"
     datamodule.split_table().to_csv(split_file, index=False)
     files = [config_file, split_file]
+    skipped = getattr(datamodule, "skipped", None)
+    if skipped is not None and len(skipped):  # data.skip_unusable=true left files out: every run shows which
+        skipped_file = ctx.run_dir / "skipped_files.csv"
+        skipped.to_csv(skipped_file, index=False)
+        files.append(skipped_file)
     tags = standard_tags(ctx.project_root, ctx.overrides, datamodule.fingerprint, datamodule.is_synthetic)
     if cfg.get("optuna_trial") is not None:  # a trial of hparams_search (experiments/sweeps.py)
         tags["optuna_trial"] = str(cfg.optuna_trial)
     parent = ctx.tracker.start_parent(tags)
     ctx.tracker.log_context(parent, config_params(cfg), files)
+    ctx.tracker.log_metrics(parent, {"data/skipped_files": float(0 if skipped is None else len(skipped))})
     log.info("MLflow run %s (%s) in experiment %s; outputs in %s", ctx.tracker.run_name, parent,
              cfg.logger.experiment_name, ctx.run_dir)
     return Invocation(ctx, datamodule, files, tags, parent)
@@ -211,6 +224,78 @@ def _mark_running_stages_failed(state: RunState, error: str) -> None:
         record.update(status=FAILED, error=error)
     if running:
         state.save()
+
+
+#: run_state.json's ``failure`` of a finisher whose deployable file failed its parity check
+PARITY_FAILURE = "parity"
+#: the tag of such a finisher's (FAILED) child run that holds the reason
+FAILURE_TAG = "failure_reason"
+
+
+class FinisherFailures(RuntimeError):
+    """Finishers whose deployable file failed its parity check; raised once every other stage and the summary
+    are done, so that the command still exits non-zero."""
+
+
+def run_finisher(ctx: RunContext, stage: str, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """``run()`` (the finisher's ``fit_and_test_stage``), except that a deployable file failing its parity check
+    fails this stage alone instead of the invocation: a finisher only adds a file, so the chain's other stages
+    and its summary are still worth having.
+
+    The failure goes to run_state.json (``status: failed``, ``failure: parity``, ``error``: the reason,
+    ``parity``: the numbers, ``file``) and to the stage's child run (FAILED, the reason as tag
+    ``failure_reason``, the numbers as metrics); the record is returned. ``resume`` retries such a stage, from its
+    ``last.ckpt``. Any other error propagates. A follower (DDP rank > 0) returns the primary's record of it.
+    """
+    if ctx.primary:
+        _clear_failure_tag(ctx, stage)
+    try:
+        return run()
+    except DeployableParityError as error:  # raised on the primary alone, which measures the file
+        return _record_parity_failure(ctx, stage, error)
+    except PrimaryStageError:
+        record = RunState.load_or_create(ctx.state.path, ctx.run_key).stages.get(stage, {})
+        if ctx.primary or record.get("failure") != PARITY_FAILURE:
+            raise
+        ctx.state.stages[stage] = record
+        return record
+
+
+def raise_for_failed_finishers(ctx: RunContext, stages: list[str]) -> None:
+    """At the end of an invocation: :class:`FinisherFailures` naming the ``stages`` that failed their parity check
+    (after ``run_finisher``), if any."""
+    failed = {name: ctx.state.stages[name] for name in stages
+              if ctx.state.stages.get(name, {}).get("failure") == PARITY_FAILURE}
+    if failed:
+        reasons = "; ".join(f"{name}: {record.get('error')}" for name, record in failed.items())
+        raise FinisherFailures(
+            f"{len(failed)} finisher stage(s) failed the parity check of their deployable file ({reasons}). The "
+            f"other stages and the summary are done in {ctx.run_dir}. To retry, rerun with resume={ctx.run_dir} "
+            "and more fine-tuning epochs or a looser tolerance (or resume=true with the same overrides)")
+
+
+def _record_parity_failure(ctx: RunContext, stage: str, error: DeployableParityError) -> dict[str, Any]:
+    record = {"status": FAILED, "failure": PARITY_FAILURE, "error": error.reason, "file": str(error.path),
+              "parity": error.metrics}
+    ctx.state.stages[stage] = record
+    ctx.state.save()
+    run_id = ctx.state.child_run_ids.get(stage)
+    if run_id is not None:
+        ctx.tracker.client.set_tag(run_id, FAILURE_TAG, error.reason)
+        # the callback logged them already at its last step (where MLflow shows them): the same values again there
+        ctx.tracker.log_metrics(run_id, error.metrics, step=ctx.tracker.last_step(run_id, error.metrics))
+        ctx.tracker.client.set_terminated(run_id, "FAILED")
+    log.error("Stage %s failed the parity check of %s: %s. It is recorded as failed; the other stages go on",
+              stage, error.path, error.reason)
+    return record
+
+
+def _clear_failure_tag(ctx: RunContext, stage: str) -> None:
+    """A retried finisher reuses its child run: the reason of its last failure must not outlive it."""
+    run_id = ctx.state.child_run_ids.get(stage)
+    if (ctx.state.stages.get(stage, {}).get("failure") == PARITY_FAILURE and run_id is not None
+            and FAILURE_TAG in ctx.tracker.client.get_run(run_id).data.tags):
+        ctx.tracker.client.delete_tag(run_id, FAILURE_TAG)
 
 
 def save_resolved_config(cfg: DictConfig, path: Path) -> Path:
@@ -374,7 +459,13 @@ def fit_and_test_stage(
         log.info("Stage %s: continuing from %s", stage, resume_from)
     ctx.state.stages[stage] = {"status": "running"}
     ctx.state.save()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
+    except DeployableParityError:
+        if trainer.world_size > 1:
+            # the followers wait at the end of the fit; released, they read the failure from run_state.json
+            _end_distributed_fit(trainer)
+        raise
     tester = trainer
     if trainer.world_size > 1:
         _end_distributed_fit(trainer)
@@ -392,7 +483,7 @@ def fit_and_test_stage(
         trainer.save_checkpoint(best, weights_only=True)
         tester.test(module, datamodule=datamodule)
     else:
-        tester.test(module, datamodule=datamodule, ckpt_path=best)
+        tester.test(module, datamodule=datamodule, ckpt_path=best, weights_only=True)
     if cfg.logger.log_model:
         ctx.tracker.client.log_artifact(logger.run_id, best, artifact_path="checkpoint")
     result = {"status": "done", "checkpoint": best, "best_val": best_val,
@@ -417,7 +508,7 @@ def _follow_stage(ctx: RunContext, stage: str, module: L.LightningModule, datamo
     decide alike on every process) and no logger; then the primary's recorded result."""
     callbacks = [callback for callback in callbacks if not isinstance(callback, LOGGING_ONLY_CALLBACKS)]
     trainer, _ = _stage_trainer(ctx, stage, {}, callbacks, trainer_overrides, logger=False)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
     _end_distributed_fit(trainer)
     launcher = os.getppid()
     # Lightning starts local ranks > 0 from rank 0's process: when that parent is gone, rank 0 is. A process

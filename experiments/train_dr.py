@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import logging
 import sys
+import tempfile
+from functools import partial
 from pathlib import Path
 
 import hydra
@@ -22,12 +24,17 @@ from omegaconf import DictConfig, OmegaConf
 from compression.export import network_input_names, quiet_onnx_tool_logs
 from datamodules.dr import DRDataModule
 from datamodules.errors import DataValidationError
+from experiments.config_checks import ConfigError, check_dr_config, instantiation_problem
 from experiments.runner import (
+    FinisherFailures,
     RunContext,
+    build_callbacks,
     check_retest,
     finishing,
     fit_and_test_stage,
+    raise_for_failed_finishers,
     retest_stage,
+    run_finisher,
     start_invocation,
 )
 from experiments.stages import DR_FINISHERS, DR_STAGES
@@ -65,9 +72,9 @@ def _finished_module(stage: str, checkpoint: str, **hparams):
     """The weights a finished stage was tested with (``hparams`` replace saved hyperparameters); nothing is
     downloaded, and a student is rebuilt without its teacher."""
     if stage in ("teacher", "baseline"):
-        return TeacherClassifier.load_from_checkpoint(checkpoint, map_location="cpu", pretrained="none",
-                                                      pretrained_path=None, **hparams)
-    return StudentDistiller.load_from_checkpoint(checkpoint, map_location="cpu", pretrained="none",
+        return TeacherClassifier.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True,
+                                                      pretrained="none", pretrained_path=None, **hparams)
+    return StudentDistiller.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True, pretrained="none",
                                                  pretrained_path=None, teacher_checkpoint=None, **hparams)
 
 
@@ -113,6 +120,7 @@ def _summary(ctx: RunContext, dm: DRDataModule) -> dict[str, float]:
 
 def run_dr_distill(cfg: DictConfig) -> float | None:
     """Run the configured stages; returns the last stage's best validation QWK (for sweepers)."""
+    check_dr_config(cfg)  # types and ranges of the settings, before anything is read or started
     stages = list(cfg.stages)
     teacher_checkpoint = resolve_teacher_checkpoint(cfg.distill.teacher_checkpoint)
     if "student" in stages and "teacher" not in stages and teacher_checkpoint is None and cfg.distill.alpha_end > 0:
@@ -128,7 +136,7 @@ def run_dr_distill(cfg: DictConfig) -> float | None:
     if "student_qat" in stages and ("student" not in stages or stages.index("student") > stages.index("student_qat")):
         raise ValueError("stage student_qat fine-tunes the trained student: list it after 'student' in stages, "
                          "e.g. stages=[teacher,student,student_qat]")
-    run = start_invocation(cfg)
+    run = start_invocation(cfg, preflight=lambda ctx, dm: _build_every_stage(cfg, ctx, stages, dm))
     ctx, dm = run.ctx, run.datamodule
     result = None
     with finishing(ctx):
@@ -140,7 +148,8 @@ def run_dr_distill(cfg: DictConfig) -> float | None:
                 log.info("Stage %s already finished in %s: skipping it", stage, ctx.run_dir)
                 result = ctx.state.stages[stage]
             elif stage == "student_qat":
-                result = _run_student_qat(ctx, cfg, dm, run)
+                # an int8 student that fails its parity check fails alone: recorded, and reported at the end
+                result = run_finisher(ctx, stage, partial(_run_student_qat, ctx, cfg, dm, run))
             else:
                 module = _stage_module(cfg, stage, dm, teacher_checkpoint)
                 result = fit_and_test_stage(ctx, stage, module, dm, run.files, run.tags)
@@ -150,7 +159,29 @@ def run_dr_distill(cfg: DictConfig) -> float | None:
             summary = _summary(ctx, dm)
             ctx.tracker.log_metrics(run.parent_run_id, summary)
             _print_summary(summary)
+        raise_for_failed_finishers(ctx, stages)
     return None if result is None else result.get("best_val")
+
+
+def _build_every_stage(cfg: DictConfig, ctx: RunContext, stages: list[str], dm: DRDataModule) -> None:
+    """Build each unfinished stage's module and callbacks once, and drop them, before the first stage trains:
+    an argument its class does not take (``+distill.temprature=2``) or refuses fails in seconds, not after the
+    teacher has trained. The student is built without its teacher, which only a trained teacher provides."""
+    problems = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for stage in stages:
+            if ctx.state.stage_done(stage):
+                continue
+            try:
+                if stage == "student_qat":
+                    instantiate(cfg.qat.callback, output_dir=scratch, input_names=["image"])
+                else:
+                    _stage_module(cfg, stage, dm, teacher_checkpoint=None)
+                build_callbacks(cfg.callbacks, Path(scratch) / stage)
+            except Exception as error:  # whatever a constructor raises: the stage could not start
+                problems.append(instantiation_problem(f"stage {stage}", error))
+    if problems:
+        raise ConfigError(problems)
 
 
 def _run_student_qat(ctx: RunContext, cfg: DictConfig, dm: DRDataModule, run) -> dict:
@@ -177,6 +208,12 @@ def main(cfg: DictConfig) -> float | None:
     except DataValidationError as error:
         log.error("Data problem, nothing was trained:\n%s", error)
         sys.exit(2)
+    except ConfigError as error:
+        log.error("%s", error)
+        sys.exit(2)
+    except FinisherFailures as error:
+        log.error("%s", error)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

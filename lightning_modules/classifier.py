@@ -236,9 +236,10 @@ class StudentDistiller(GradingModule):
 
     @staticmethod
     def _load_teacher(path: str) -> nn.Module:
-        # pretrained="none": the checkpoint holds the trained weights; never reach for a hub here.
+        # pretrained="none": the checkpoint holds the trained weights; never reach for a hub here. weights_only:
+        # a user-given file (distill.teacher_checkpoint) must not run code; our checkpoints hold plain values only
         teacher = TeacherClassifier.load_from_checkpoint(path, map_location="cpu", pretrained="none",
-                                                         pretrained_path=None).net
+                                                         pretrained_path=None, weights_only=True).net
         teacher.eval()
         teacher.requires_grad_(False)
         return teacher

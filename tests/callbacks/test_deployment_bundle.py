@@ -107,7 +107,7 @@ def test_a_network_still_prepared_for_qat_is_bundled_as_a_plain_copy_with_its_qu
 
     assert module.net is prepared and is_qat_prepared(prepared)  # the module's network is left as it is
     bundle = load_bundle(tmp_path / "qat-prune-8" / DEPLOY_FOLDER)
-    assert bundle.int8_path is not None and bundle.manifest["files"]["network"] == "network.pt"
+    assert bundle.int8_path is not None and bundle.manifest["files"]["network"] == "network.safetensors"
     network = bundle.load_network()
     assert not any(parametrize.is_parametrized(m) for m in network.modules()) and not is_qat_prepared(network)
     images = discs(2, seed=3).images

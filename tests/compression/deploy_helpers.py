@@ -1,5 +1,8 @@
 """Tiny networks and deployment bundles shared by the bundle and predict tests: the DR student (CBAM +
-topological branch) and the disc U-Net in miniature, on synthetic photographs."""
+topological branch) and the disc U-Net in miniature, on synthetic photographs.
+
+The grading bundle's student is built by ``build_student_net`` on timm's tiny ``test_efficientnet``, from
+arguments a StudentDistiller's hparams would hold, so that the bundle's network file can describe it."""
 
 from __future__ import annotations
 
@@ -11,12 +14,13 @@ import torch
 from torch import nn
 
 from compression.deploy import Bundle, write_bundle
+from compression.packed_format import describe_network
 from datamodules.dr import grading_network_inputs, grading_spec
 from datamodules.fundus import FundusPreprocessing
 from datamodules.optic_disc import DiscPreprocessing, disc_network_input, disc_spec
 from datamodules.synthetic import render_fundus
 from datamodules.topology import PersistenceImager, TopologyConfig, image_diagrams
-from lightning_modules.nets.student import TopoFusionNet
+from lightning_modules.nets.student import TopoFusionNet, build_student_net
 from tests.compression.helpers import tiny_unet
 
 GRADING_PREPROCESSING = FundusPreprocessing(image_size=64)
@@ -40,9 +44,21 @@ class TinyBackbone(nn.Module):
 
 
 def tiny_student() -> TopoFusionNet:
+    """A student on a hand-made backbone: no architecture entry describes it, so a bundle gets no network file."""
     torch.manual_seed(0)
     return TopoFusionNet(TinyBackbone(), num_classes=5, topo_features=TOPOLOGY.feature_dim, topo_hidden=16,
                          topo_embedding=4).eval()
+
+
+#: the grading bundle's student, as the hyperparameters of its StudentDistiller would name it
+STUDENT_HPARAMS = {"backbone": "test_efficientnet", "num_classes": 5, "topo_features": TOPOLOGY.feature_dim,
+                   "topo_hidden": 16, "topo_embedding": 4}
+
+
+def built_student() -> TopoFusionNet:
+    """The DR student (timm backbone, CBAM, topology MLP) in miniature, built as a StudentDistiller builds it."""
+    torch.manual_seed(0)
+    return build_student_net(**STUDENT_HPARAMS).eval()
 
 
 def fundus_photo(seed: int, size: int = PHOTO_SIZE) -> np.ndarray:
@@ -82,13 +98,13 @@ def grading_batches(imager: PersistenceImager, count: int) -> list[tuple[torch.T
 
 def write_grading_bundle(folder: Path,
                          calibrate: bool = True) -> tuple[Bundle, TopoFusionNet, PersistenceImager]:
-    """A grading bundle of :func:`tiny_student` (int8 calibrated on 4 photographs when ``calibrate``)."""
-    net, imager = tiny_student(), fitted_imager()
+    """A grading bundle of :func:`built_student` (int8 calibrated on 4 photographs when ``calibrate``)."""
+    net, imager = built_student(), fitted_imager()
     batches = grading_batches(imager, 6)
     bundle = write_bundle(folder, net, batches[0], ["image", "topo"], "grading",
                           grading_spec(GRADING_PREPROCESSING, imager), {"stage": "student"},
                           calibration_batches=batches if calibrate else None, calibration_images=4,
-                          exporter="torchscript")
+                          exporter="torchscript", architecture=describe_network(net, STUDENT_HPARAMS))
     return bundle, net, imager
 
 

@@ -7,11 +7,9 @@ import logging
 import os
 import shutil
 import stat
-import struct
 from pathlib import Path
 from types import SimpleNamespace
 
-import cv2
 import numpy as np
 import pytest
 import torch
@@ -21,35 +19,32 @@ from callbacks.deployment_bundle import DeploymentBundle
 from callbacks.quantization_aware_training import QuantizationAwareTraining
 from compression.deploy import (
     BundleError,
-    NotAFundusError,
     Predictor,
-    fundus_problem,
     load_bundle,
-    read_photograph,
     write_atomically,
     write_bundle,
 )
 from compression.export import ort_session, run_session
 from datamodules.dr import grading_network_inputs, grading_preprocessing_from_spec, grading_spec
-from datamodules.fundus import UnreadableImageError, read_rgb
+from datamodules.fundus import read_rgb
 from datamodules.optic_disc import (
     DiscPreprocessing,
     disc_network_input,
     disc_preprocessing_from_spec,
     disc_spec,
 )
+from datamodules.photograph import NotAFundusError, UnreadableImageError
 from tests.compression.deploy_helpers import (
     DISC_PREPROCESSING,
     GRADING_PREPROCESSING,
+    STUDENT_HPARAMS,
     fitted_imager,
     fundus_photo,
     grading_batches,
     tiny_student,
-    twelve_bit,
     write_disc_bundle,
     write_grading_bundle,
     write_photo,
-    write_stored,
 )
 
 
@@ -73,9 +68,10 @@ def test_bundle_round_trip_fp32_equals_torch_and_int8_stays_close(grading):
     bundle, net, imager = grading
     loaded = load_bundle(bundle.folder)
     manifest = json.loads((bundle.folder / "bundle.json").read_text())
-    assert manifest["format"] == 1 and loaded.task == "grading" and loaded.stage == "student"
+    assert manifest["format"] == 2 and loaded.task == "grading" and loaded.stage == "student"
     assert loaded.input_names == ("image", "topo") and loaded.class_names == ["0", "1", "2", "3", "4"]
-    assert manifest["files"] == {"fp32": "model.onnx", "int8": "model_int8.onnx", "network": "network.pt"}
+    assert manifest["files"] == {"fp32": "model.onnx", "int8": "model_int8.onnx", "network": "network.safetensors"}
+    assert set(manifest["sha256"]) == set(manifest["files"].values())
     assert manifest["int8"]["calibration_images"] == 4 and manifest["int8"]["parity"]["images"] == 4.0
     assert manifest["preprocessing"]["imager"]["scale"] == imager.state_dict()["scale"]
     # photographs the calibration never saw, three at once: the batch axis is dynamic
@@ -128,8 +124,8 @@ def test_load_bundle_names_what_is_wrong(grading, tmp_path: Path):
     with pytest.raises(BundleError, match="model_int8.onnx"):
         load_bundle(folder)
     manifest = json.loads((folder / "bundle.json").read_text())
-    (folder / "bundle.json").write_text(json.dumps(manifest | {"format": 2}))
-    with pytest.raises(BundleError, match="format 2"):
+    (folder / "bundle.json").write_text(json.dumps(manifest | {"format": 3}))
+    with pytest.raises(BundleError, match="format 3"):
         load_bundle(folder)
     (folder / "bundle.json").unlink()
     with pytest.raises(BundleError, match="no bundle.json"):
@@ -209,81 +205,6 @@ def test_the_predictor_refuses_unreadable_files_and_non_fundus_images(grading, t
         predictor.predict_file(black)
 
 
-# ------------------------------------------------------------------------------------------ fundus_problem
-def test_a_synthetic_fundus_photograph_is_usable():
-    assert fundus_problem(fundus_photo(0)) is None
-    assert fundus_problem(fundus_photo(1, size=64)) is None
-
-
-@pytest.mark.parametrize(("image", "reason"), [
-    (np.zeros((120, 160, 3), np.uint8), "almost black"),
-    (np.full((120, 160, 3), 128, np.uint8), "greyscale"),
-    (np.zeros((120, 160), np.uint8), "1 channel(s) (greyscale)"),
-    (np.zeros((120, 160, 4), np.uint8), "has an alpha channel"),
-    (np.full((120, 160, 3), (200, 90, 40), np.uint8), "uniform"),
-    (np.zeros((120, 160, 3), np.float32), "uint8"),
-])
-def test_fundus_problem_names_what_is_wrong(image: np.ndarray, reason: str):
-    assert reason in fundus_problem(image)
-
-
-def test_fundus_problem_tells_too_small_black_and_retina_less_frames_apart():
-    assert "far too small (48x48 px)" in fundus_problem(cv2.resize(fundus_photo(2), (48, 48)))
-    # 30x30 bright px of 200x200: 2.25% of the frame is brighter than the surround threshold
-    speck = np.zeros((200, 200, 3), np.uint8)
-    speck[10:40, 10:40] = (180, 80, 30)
-    assert "almost black: 2.2%" in fundus_problem(speck)
-    # a retina of 90x90 px in a 400x400 frame: 5.06% bright (not black), but it spans 22.5% < 25% of the side
-    retina = cv2.resize(fundus_photo(3), (90, 90))
-    retina[retina.max(axis=2) <= 10] = (120, 60, 20)  # no dark corners: every pixel of the 90x90 is bright
-    frame = np.zeros((400, 400, 3), np.uint8)
-    frame[100:190, 100:190] = retina
-    assert "no retina found: the bright region is only 90x90 px" in fundus_problem(frame)
-
-
-# ----------------------------------------------------------------------------------------- read_photograph
-def test_read_photograph_names_transparent_greyscale_and_float_files(tmp_path: Path):
-    bgr = cv2.cvtColor(fundus_photo(0), cv2.COLOR_RGB2BGR)
-    opaque_alpha = np.full(bgr.shape[:2], 255, np.uint8)  # even fully opaque: the file has transparency
-    with pytest.raises(NotAFundusError, match=r"has an alpha channel \(transparent parts\): save it as an opaque"):
-        read_photograph(write_stored(tmp_path / "rgba.png", np.dstack([bgr, opaque_alpha])))
-    grey = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
-    for name in ("grey.png", "grey.jpg"):
-        with pytest.raises(NotAFundusError, match=r"1 channel\(s\) \(greyscale\)"):
-            read_photograph(write_stored(tmp_path / name, grey))
-    with pytest.raises(NotAFundusError, match="pixel type float32"):
-        read_photograph(write_stored(tmp_path / "float.tiff", bgr.astype(np.float32) / 255))
-
-
-def test_a_16_bit_photograph_is_rescaled_by_its_own_maximum(tmp_path: Path, caplog):
-    photo = fundus_photo(0)
-    assert photo.max() == 255
-    path = write_stored(tmp_path / "12bit.png", twelve_bit(photo))  # 0-4095 in a 16-bit PNG
-    with caplog.at_level(logging.INFO, logger="compression.deploy"):
-        decoded = read_photograph(path)
-    # scaled by 255/4095 back: round(round(v * 4095/255) * 255/4095) == v for every 8-bit v
-    np.testing.assert_array_equal(decoded, photo)
-    assert "16-bit image, rescaled to 8 bits by its own maximum (4095 -> 255)" in caplog.text
-    # what IMREAD_COLOR would have given: the top 8 of 16 bits, 4095 >> 8 = 15, an almost black frame
-    assert read_rgb(path).max() == 15
-
-
-def test_a_jpeg_is_turned_by_its_exif_orientation_as_in_training(tmp_path: Path):
-    frame = np.zeros((80, 120, 3), np.uint8)
-    frame[4:76, 24:96] = fundus_photo(1, size=72)
-    _, encoded = cv2.imencode(".jpg", cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
-    # an APP1 Exif segment right after the JPEG's start marker: a little-endian TIFF header and one IFD entry,
-    # Orientation (0x0112, SHORT) = 6, "rotate 90 degrees clockwise to display"
-    tiff = b"II*\x00" + struct.pack("<IH", 8, 1) + struct.pack("<HHII", 0x0112, 3, 1, 6) + struct.pack("<I", 0)
-    exif = b"Exif\x00\x00" + tiff
-    data = encoded.tobytes()
-    path = tmp_path / "turned.jpg"
-    path.write_bytes(data[:2] + b"\xff\xe1" + struct.pack(">H", len(exif) + 2) + exif + data[2:])
-    decoded = read_photograph(path)
-    assert decoded.shape == (120, 80, 3)  # displayed upright: 80 wide, 120 high
-    np.testing.assert_array_equal(decoded, read_rgb(path))
-
-
 # ---------------------------------------------------------------------------------------- write_atomically
 def test_write_atomically_gives_the_usual_permissions_and_keeps_the_old_file_when_writing_fails(tmp_path: Path):
     target = tmp_path / "results.csv"
@@ -325,7 +246,7 @@ def test_the_callback_bundles_the_stage_with_the_qat_int8_model(grading, tmp_pat
     qat.int8_path = bundle.int8_path  # what its on_train_end leaves
     trainer = SimpleNamespace(datamodule=_Data(batches, bundle.preprocessing), test_dataloaders=[batches],
                               loggers=[], callbacks=[qat], default_root_dir=str(tmp_path / "unused"))
-    module = SimpleNamespace(net=net, num_classes=5,
+    module = SimpleNamespace(net=net, num_classes=5, hparams=STUDENT_HPARAMS,
                              example_inputs=lambda batch: (batch["image"][:1], batch["topo"][:1]))
     callback = DeploymentBundle(weights_dir=str(tmp_path / "student_qat"), exporter="torchscript")
     callback.on_test_end(trainer, module)
@@ -334,6 +255,8 @@ def test_the_callback_bundles_the_stage_with_the_qat_int8_model(grading, tmp_pat
     assert written.int8_path.read_bytes() == bundle.int8_path.read_bytes()
     assert written.manifest["int8"]["parity"]["images"] == 2.0  # measured on the calibration images
     assert callback.bundle.folder == written.folder
+    # the student is described by its module's hyperparameters, for GradCAM
+    assert written.network_path is not None and type(written.load_network()) is type(net)
 
 
 def test_a_tiny_student_without_topology_bundles_one_input(tmp_path: Path):

@@ -30,6 +30,7 @@ from compression.quantization import (
     export_qat_int8,
     fold_batchnorm,
     int8_parity,
+    int8_parity_problems,
     prepare_qat,
     quantize_model_int8,
     quantize_onnx_static,
@@ -264,6 +265,30 @@ def test_int8_parity_on_hand_made_outputs():
     assert graded["qwk_delta"] == pytest.approx(-1 / 3) and graded["agreement"] == pytest.approx(2 / 3)
 
 
+def test_int8_is_judged_on_masks_and_grades_and_the_logit_difference_only_where_asked():
+    # the drionsdb qat-prune-16 case: logits drifted (0.395) while the masks may still agree
+    masks = {"mean_abs_logit_diff": 0.395, "mask_dice_int8_vs_fp32": 0.99}
+    assert int8_parity_problems(masks) == []
+    assert int8_parity_problems(masks, min_mask_dice=0.995) == [
+        "Dice of int8 vs fp32 masks 0.9900 < min_mask_dice=0.995"]
+    assert int8_parity_problems(masks, max_mean_abs_logit_diff=0.25) == [
+        "mean |logit difference| 0.3950 > max_mean_abs_logit_diff=0.25"]
+    grades = {"mean_abs_logit_diff": 3.0, "agreement": 0.85, "qwk_delta": -0.1}
+    assert int8_parity_problems(grades, min_agreement=0.8, max_qwk_drop=0.1) == []
+    assert int8_parity_problems(grades, min_agreement=0.9, max_qwk_drop=0.05) == [
+        "top-1 agreement of int8 and fp32 0.8500 < min_agreement=0.9",
+        "QWK drops by 0.1000 from fp32 to int8 > max_qwk_drop=0.05"]
+    # no labels, no QWK: agreement alone decides
+    assert int8_parity_problems({"mean_abs_logit_diff": 3.0, "agreement": 1.0}) == []
+
+
+@pytest.mark.parametrize("key, value", [("min_mask_dice", 1.5), ("min_agreement", -0.1), ("max_qwk_drop", -0.01),
+                                        ("max_qwk_drop", 3.0), ("max_mean_abs_logit_diff", -1.0)])
+def test_callback_names_a_tolerance_out_of_range(tmp_path: Path, key: str, value: float):
+    with pytest.raises(ValueError, match=f"{key}={value}"):
+        QuantizationAwareTraining(output_dir=str(tmp_path), **{key: value})
+
+
 # ------------------------------------------------------------------------------------------------- callback
 def _discs(count: int, seed: int) -> DiscBatches:
     smooth = images(count, seed)
@@ -333,8 +358,12 @@ def test_callback_parity_failure_raises_and_restores_the_unquantized_network(tmp
     before = copy.deepcopy(original.state_dict())
     callback = QuantizationAwareTraining(output_dir=str(tmp_path), prepare_batches=1, exporter="torchscript",
                                          max_mean_abs_logit_diff=0.0)
-    with pytest.raises(QuantizationParityError, match="max_mean_abs_logit_diff=0.0"):
+    with pytest.raises(QuantizationParityError, match="max_mean_abs_logit_diff=0.0") as raised:
         _fit(callback, module)
+    # what a chain records of it: the file, the one-line reason, the numbers it logged
+    assert raised.value.path == tmp_path / "model_int8.onnx"
+    assert "max_mean_abs_logit_diff=0.0" in raised.value.reason and "restored" not in raised.value.reason
+    assert raised.value.metrics["quant/mean_abs_logit_diff"] > 0 and raised.value.metrics == callback.report
     assert module.net is original
     assert not any(parametrize.is_parametrized(m) for m in module.net.modules())
     assert all(torch.equal(before[key], value) for key, value in module.net.state_dict().items())

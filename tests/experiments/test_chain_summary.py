@@ -3,7 +3,13 @@ import math
 import pandas as pd
 import pytest
 
-from experiments.chain_summary import describe_comparisons, liminal_points, plan_chain, summary_table
+from experiments.chain_summary import (
+    describe_comparisons,
+    describe_failures,
+    liminal_points,
+    plan_chain,
+    summary_table,
+)
 
 
 def test_plan_has_iteration_one_then_the_prune_arm_in_order_then_the_kd_arm():
@@ -130,3 +136,24 @@ def test_liminal_points_of_a_summary_csv_with_a_comparison_row(tmp_path):
     assert table["base"].isna().tolist() == [False, False, True]
     points = liminal_points(table, tolerance=0.05)
     assert points["any"]["stage"] == "kd-32" and points["any"]["base"] == 32
+
+
+def test_a_failed_finisher_is_a_row_with_its_reason_and_never_a_liminal_point():
+    stages = plan_chain([64, 32], ["prune"], ["qat", "share"], ["prune-32"])
+    reason = "the int8 model drifts from its fp32 network on 12 validation images: Dice 0.9 < min_mask_dice=0.98"
+    results = {"base-64": _result(0.9, 1.0, 100, 10), "prune-32": _result(0.89, 1.0, 30, 5),
+               "qat-prune-32": {"status": "failed", "failure": "parity", "error": reason,
+                                "parity": {"quant/mask_dice_int8_vs_fp32": 0.9}},
+               "share-prune-32": _result(0.88, 1.0, 30, 2)}
+    table = summary_table(stages, results).set_index("stage")
+    assert list(table.index) == ["base-64", "prune-32", "qat-prune-32", "share-prune-32"]
+    assert list(table["status"]) == ["done", "done", "failed", "done"]
+    failed = table.loc["qat-prune-32"]
+    assert failed["note"] == reason and math.isnan(failed["dice"]) and math.isnan(failed["cumulative_train_time_s"])
+    assert table.loc["share-prune-32", "cumulative_train_time_s"] == 17
+    assert liminal_points(table.reset_index(), 0.05)["any"]["stage"] == "prune-32"
+    assert "qat" not in liminal_points(table.reset_index(), 0.05)
+    assert describe_failures(table.reset_index()) == (
+        "Failed stages (their deployable file failed its parity check and is not to be used; rerun with resume "
+        f"to retry them):\n- qat-prune-32: {reason}")
+    assert describe_failures(table[table["status"] == "done"].reset_index()) == ""

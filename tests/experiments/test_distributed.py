@@ -23,7 +23,15 @@ from experiments.distributed import (
     single_device_overrides,
     wait_for_stage,
 )
-from experiments.runner import RunContext, create_context, finishing
+from experiments.runner import (
+    PARITY_FAILURE,
+    FinisherFailures,
+    RunContext,
+    create_context,
+    finishing,
+    raise_for_failed_finishers,
+    run_finisher,
+)
 from experiments.tracking import RunState
 from experiments.train_dr import run_dr_distill
 from tests.experiments.helpers import compose_config, mlflow_store, runs_by_name
@@ -197,6 +205,25 @@ def test_a_failing_primary_ends_the_followers_wait(tmp_path: Path):
     with pytest.raises(PrimaryStageError, match=r"recorded stage 'student' as failed .*ValueError: boom"):
         wait_for_stage(state.path, "student", timeout_s=30, poll_s=0.01)
     assert time.monotonic() - started < 5
+
+
+def test_a_follower_goes_on_past_a_finisher_that_failed_its_parity_check_on_the_primary(tmp_path: Path):
+    failed = {"status": "failed", "failure": PARITY_FAILURE, "error": "Dice of int8 vs fp32 masks 0.9 < 0.98"}
+    recorded = RunState(tmp_path / "run_state.json", "key", stages={"qat-prune-8": failed})
+    recorded.save()
+    ctx = RunContext(None, tmp_path, tmp_path, "key", [], RunState(recorded.path, "key"), tracker=None, primary=False)
+
+    def follow() -> dict:  # what fit_and_test_stage does on a follower once the primary recorded the failure
+        return wait_for_stage(recorded.path, "qat-prune-8", timeout_s=30, poll_s=0.01)
+
+    assert run_finisher(ctx, "qat-prune-8", follow) == failed == ctx.state.stages["qat-prune-8"]
+    with pytest.raises(FinisherFailures, match="qat-prune-8: Dice of int8 vs fp32 masks 0.9 < 0.98"):
+        raise_for_failed_finishers(ctx, ["base-16", "qat-prune-8"])
+    # any other failure of the primary still stops the follower
+    recorded.stages["qat-prune-8"] = {"status": "failed", "error": "ValueError: boom"}
+    recorded.save()
+    with pytest.raises(PrimaryStageError, match="boom"):
+        run_finisher(ctx, "qat-prune-8", follow)
 
 
 def test_a_follower_gets_the_result_the_primary_records(tmp_path: Path):

@@ -11,6 +11,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
+from experiments.glaucoma_chain import main as glaucoma_main
 from experiments.glaucoma_chain import run_glaucoma_chain
 from lightning_modules.nets.transformer_seg import TransformerSegNet
 from lightning_modules.nets.vgg_unet import VGGUNet, load_network
@@ -109,7 +110,7 @@ def test_finishers_write_int8_and_packed_files_and_report_their_sizes(project: P
     overrides = [*TINY, "chain.bases=[16,8]", "chain.arms=[prune]", "chain.finishers=[qat,share]",
                  "chain.finish_after=[prune-8]", "chain.max_epochs.qat=1", "chain.max_epochs.share=2",
                  # an almost untrained tiny network: its int8 masks need not agree with fp32's
-                 "chain.callbacks.qat.min_mask_dice=0", "chain.callbacks.qat.max_mean_abs_logit_diff=100"]
+                 "chain.callbacks.qat.min_mask_dice=0"]
     run_glaucoma_chain(compose_config("glaucoma_chain", overrides, run_dir))
     state = json.loads((run_dir / "run_state.json").read_text())
     assert list(state["stages"]) == ["base-16", "prune-8", "qat-prune-8", "share-prune-8"]
@@ -135,6 +136,64 @@ def test_finishers_write_int8_and_packed_files_and_report_their_sizes(project: P
     resumed = json.loads((run_dir / "run_state.json").read_text())
     assert resumed["complete"] and resumed["stages"]["share-prune-8"]["report"]["model/size_bytes"] == (
         packed.stat().st_size)
+
+
+def _parity_measuring(dice: float):
+    """measure_int8_parity as if the int8 masks agreed with fp32's at ``dice``, their logits far apart."""
+    def measure(*args, **kwargs) -> dict[str, float]:
+        return {"mean_abs_logit_diff": 0.395, "max_abs_logit_diff": 3.0, "mask_dice_int8_vs_fp32": dice,
+                "images": 4.0}
+    return measure
+
+
+def test_a_finisher_failing_its_parity_check_fails_alone_and_resume_retries_it(project: Path, monkeypatch, caplog):
+    overrides = [*TINY, "chain.bases=[16,8]", "chain.arms=[prune]", "chain.finishers=[qat,share]",
+                 "chain.finish_after=[prune-8]", "chain.max_epochs.qat=1", "chain.max_epochs.share=1"]
+    run_dir = project / "outputs" / "glaucoma-iterations" / "runs" / "first"
+    monkeypatch.setattr("callbacks.quantization_aware_training.measure_int8_parity", _parity_measuring(0.9))
+    with pytest.raises(SystemExit) as exited:
+        glaucoma_main(compose_config("glaucoma_chain", overrides, run_dir))
+    assert exited.value.code == 1
+    assert any(r.levelname == "ERROR" and "qat-prune-8" in r.message and "min_mask_dice=0.98" in r.message
+               and "resume=" in r.message for r in caplog.records)
+
+    state = json.loads((run_dir / "run_state.json").read_text())
+    failed = state["stages"]["qat-prune-8"]
+    assert failed["status"] == "failed" and failed["failure"] == "parity" and not state["complete"]
+    assert "Dice of int8 vs fp32 masks 0.9000 < min_mask_dice=0.98" in failed["error"]
+    assert failed["parity"]["quant/mask_dice_int8_vs_fp32"] == 0.9
+    assert failed["file"] == str(run_dir / "qat-prune-8" / "model_int8.onnx")
+    # a logit difference (0.395) no longer fails a disc finisher by itself; the stages after the failure still ran
+    assert [state["stages"][name]["status"] for name in ("base-16", "prune-8", "share-prune-8")] == ["done"] * 3
+
+    table = pd.read_csv(run_dir / "summary.csv").set_index("stage")
+    assert list(table.index) == ["base-16", "prune-8", "qat-prune-8", "share-prune-8"]
+    assert table.loc["qat-prune-8", "status"] == "failed" and "min_mask_dice" in table.loc["qat-prune-8", "note"]
+    assert "- qat-prune-8: " in (run_dir / "summary.md").read_text()
+
+    runs, client = _runs(project), mlflow_store(project)
+    child = runs["qat-prune-8"][0]
+    assert child.info.status == "FAILED" and "min_mask_dice=0.98" in child.data.tags["failure_reason"]
+    assert child.data.metrics["quant/mask_dice_int8_vs_fp32"] == 0.9
+    assert child.data.metrics["quant/mean_abs_logit_diff"] == 0.395
+    parent = runs[f"glaucoma-iterations[{','.join(overrides)}]"][0]
+    assert parent.info.status == "FAILED" and runs["share-prune-8"][0].info.status == "FINISHED"
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "summary")} == {
+        "summary/summary.csv", "summary/summary.md"}
+
+    # resume=true retries the failed finisher alone (from its last checkpoint), in the same child run
+    networks = {name: Path(state["stages"][name]["network"]).stat().st_mtime_ns
+                for name in ("base-16", "prune-8", "share-prune-8")}
+    monkeypatch.setattr("callbacks.quantization_aware_training.measure_int8_parity", _parity_measuring(0.99))
+    run_glaucoma_chain(compose_config("glaucoma_chain", [*overrides, "resume=true"], project / "elsewhere"))
+    resumed = json.loads((run_dir / "run_state.json").read_text())
+    assert resumed["complete"] and resumed["stages"]["qat-prune-8"]["status"] == "done"
+    assert resumed["child_run_ids"] == state["child_run_ids"]
+    assert all(Path(resumed["stages"][name]["network"]).stat().st_mtime_ns == mtime
+               for name, mtime in networks.items())
+    retried = client.get_run(resumed["child_run_ids"]["qat-prune-8"])
+    assert retried.info.status == "FINISHED" and "failure_reason" not in retried.data.tags
+    assert set(pd.read_csv(run_dir / "summary.csv")["status"]) == {"done"}
 
 
 def test_retest_tests_finished_stages_again_without_training_them(project: Path):

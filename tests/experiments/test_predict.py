@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from omegaconf import DictConfig
 
-from compression.deploy import Predictor, load_bundle
+from compression.deploy import BundleError, Predictor, load_bundle
 from experiments.predict import (
     PredictError,
     disc_stage_preference,
@@ -382,6 +383,21 @@ def test_model_may_be_an_mlflow_run_id(grading_bundle, tmp_path):
         resolve_bundle("0" * 32, cache, uri)
 
 
+def test_a_bundle_changed_in_the_mlflow_store_is_refused_after_download(grading_bundle, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("dr-distill", artifact_location=(tmp_path / "artifacts").as_uri())
+    run = client.create_run(experiment, tags={MLFLOW_RUN_NAME: "student"}).info.run_id
+    client.set_tag(run, MLFLOW_PARENT_RUN_ID, client.create_run(experiment).info.run_id)
+    changed = tmp_path / "changed"
+    shutil.copytree(grading_bundle, changed)
+    (changed / "model.onnx").write_bytes((changed / "model.onnx").read_bytes() + b"\0")
+    client.log_artifacts(run, str(changed), artifact_path="deploy")
+    folder, _ = resolve_bundle(run, tmp_path / "cache", uri)
+    with pytest.raises(BundleError, match=r"model\.onnx does not match its SHA-256"):
+        load_bundle(folder)
+
+
 # ---------------------------------------------------------------------------------------- the real thing
 def test_the_command_line_exits_with_the_status_and_writes_nothing_but_its_output(grading_bundle, tmp_path):
     photo = write_photo(tmp_path / "in" / "eye.png", fundus_photo(8))
@@ -408,7 +424,7 @@ def test_a_tiny_dr_run_leaves_a_bundle_that_predicts(project, tmp_path, monkeypa
     student = runs_by_name(client, "dr-distill")["student"][0]
     assert student.data.tags["deploy_dir"] == str(bundle.folder.resolve())
     assert {a.path for a in client.list_artifacts(student.info.run_id, "deploy")} >= {
-        "deploy/bundle.json", "deploy/model.onnx", "deploy/model_int8.onnx", "deploy/network.pt"}
+        "deploy/bundle.json", "deploy/model.onnx", "deploy/model_int8.onnx", "deploy/network.safetensors"}
     photos = tmp_path / "photos"
     for seed in range(2):
         write_photo(photos / f"eye{seed}.png", fundus_photo(seed, size=128))

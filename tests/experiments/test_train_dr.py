@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from callbacks.classification_diagnostics import PREDICTIONS_FILE
+from experiments.train_dr import main as dr_main
 from experiments.train_dr import run_dr_distill
 from tests.experiments.helpers import (
     assert_shown_value_is_the_newest,
@@ -123,8 +124,8 @@ def test_student_stage_alone_with_distillation_needs_a_teacher(project: Path):
 def test_student_qat_stage_writes_an_int8_student_and_reports_it(project: Path):
     run_dir = project / "qat"
     overrides = [*TINY, "stages=[teacher,student,student_qat]", "qat.max_epochs=1",
-                 # an almost untrained tiny student: its int8 logits need not stay close to fp32's
-                 "qat.callback.max_mean_abs_logit_diff=100"]
+                 # an almost untrained tiny student: its int8 grades need not agree with fp32's
+                 "qat.callback.min_agreement=0", "qat.callback.max_qwk_drop=2"]
     run_dr_distill(compose_config("train_dr", overrides, run_dir))
     state = json.loads((run_dir / "run_state.json").read_text())
     report = state["stages"]["student_qat"]["report"]
@@ -132,6 +133,33 @@ def test_student_qat_stage_writes_an_int8_student_and_reports_it(project: Path):
     assert report["model/size_bytes"] == int8.stat().st_size < report["model/fp32_size_bytes"]
     assert {"quant/agreement", "quant/qwk_delta", "model/fp32_latency_ms_median"} <= set(report)
     assert "test/qwk" in state["stages"]["student_qat"]["test"]
+
+
+def test_a_student_qat_failing_its_parity_check_is_recorded_and_the_run_exits_non_zero(project: Path,
+                                                                                       monkeypatch, caplog):
+    run_dir = project / "qat-fails"
+    overrides = [*TINY, "stages=[teacher,student,student_qat]", "qat.max_epochs=1",
+                 # the figures and bundles of the test stages: not what this test is about
+                 "++callbacks.deployment_bundle=null", "++callbacks.grading_explanations=null"]
+    # small logits drift, but half the grades change: judged on the grades, the int8 student fails
+    monkeypatch.setattr("callbacks.quantization_aware_training.measure_int8_parity", lambda *args, **kwargs: {
+        "mean_abs_logit_diff": 0.1, "max_abs_logit_diff": 0.5, "agreement": 0.5, "qwk_delta": -0.2, "images": 8.0})
+    with pytest.raises(SystemExit) as exited:
+        dr_main(compose_config("train_dr", overrides, run_dir))
+    assert exited.value.code == 1
+    assert any(r.levelname == "ERROR" and "student_qat" in r.message and "min_agreement=0.9" in r.message
+               for r in caplog.records)
+    state = json.loads((run_dir / "run_state.json").read_text())
+    failed = state["stages"]["student_qat"]
+    assert failed["status"] == "failed" and not state["complete"]
+    assert "min_agreement=0.9" in failed["error"] and "max_qwk_drop=0.05" in failed["error"]
+    assert [state["stages"][stage]["status"] for stage in ("teacher", "student")] == ["done", "done"]
+    runs = _runs(mlflow_store(project))
+    child = runs["student_qat"][0]
+    assert child.info.status == "FAILED" and "min_agreement=0.9" in child.data.tags["failure_reason"]
+    assert child.data.metrics["quant/agreement"] == 0.5 and child.data.metrics["quant/qwk_delta"] == -0.2
+    parent = runs[f"dr-distill[{','.join(overrides)}]"][0]
+    assert parent.info.status == "FAILED" and "student/test/qwk" in parent.data.metrics  # summarised first
 
 
 def test_student_qat_needs_a_trained_student(project: Path):
