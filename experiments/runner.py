@@ -155,8 +155,8 @@ def start_invocation(cfg: DictConfig, preflight: Callable[[RunContext, Any], Non
     and may offer ``skipped`` (the files ``data.skip_unusable=true`` left out: saved as skipped_files.csv).
     ``preflight(ctx, datamodule)`` runs after the data is set up and before the parent run is opened (see
     ``experiments.config_checks.ConfigError``). A trainer that wants GPUs this machine lacks stops everything
-    first. A follower process (DDP rank > 0) reads
-    the same data and writes nothing: its invocation has no files, tags or parent run of its own.
+    first. A follower process (DDP rank > 0) reads the same data and writes nothing: its invocation has no
+    files, tags or parent run of its own.
     """
     check_accelerator(cfg.trainer, torch.cuda.is_available(), torch.cuda.device_count())
     check_single_run_for_ddp(cfg.trainer, HydraConfig.get().mode == RunMode.MULTIRUN)
