@@ -154,7 +154,7 @@ class Bundle:
         if self.network_path is None:
             raise BundleError(f"bundle {self.folder} has no {NETWORK_FILE} (the network could not be described "
                               "when it was written): GradCAM needs it; run without gradcam=true")
-        return read_network_file(self.network_path)
+        return read_network_file(self.network_path, self.task)
 
 
 def write_bundle(
@@ -285,9 +285,10 @@ def save_network_file(net: nn.Module, architecture: Mapping[str, Any], path: str
     return path
 
 
-def read_network_file(path: str | os.PathLike) -> nn.Module:
+def read_network_file(path: str | os.PathLike, task: str | None = None) -> nn.Module:
     """The network of a :func:`save_network_file` file, rebuilt from its architecture by
     ``compression.packed_format.build_network`` (nothing downloaded), weights loaded strictly, eval mode, CPU.
+    ``task`` (the bundle's) names the command that writes the file again in the messages.
 
     Raises:
         BundleError: not such a file (e.g. a pickled ``network.pt``), an architecture the suite cannot build, or
@@ -300,7 +301,7 @@ def read_network_file(path: str | os.PathLike) -> nn.Module:
             state = {name: file.get_tensor(name) for name in file.keys()}  # noqa: SIM118 (a safe_open handle, not a dict)
     except Exception as error:  # safetensors' own error, OSError: not a safetensors file, or a truncated one
         raise BundleError(f"{path} is not a safetensors network file ({type(error).__name__}: {error}); a "
-                          "pickled network is never read: " + rebundle_advice(path.parent)) from error
+                          "pickled network is never read: " + rebundle_advice(path.parent, task)) from error
     if metadata.get("format") != NETWORK_FORMAT or "architecture" not in metadata:
         raise BundleError(f"{path} is a safetensors file but not a network file of this suite (metadata "
                           f"format {metadata.get('format')!r}, expected {NETWORK_FORMAT!r} with an architecture)")

@@ -36,8 +36,8 @@ class ConfigError(ValueError):
         self.problems = list(problems)
         super().__init__("Configuration problem(s), nothing was started:\n"
                          + "\n".join(f"  - {problem}" for problem in self.problems)
-                         + "\nFix: correct these overrides (python -m experiments.<entry> --cfg job shows the "
-                           "composed config).")
+                         + "\nFix: correct these overrides (add --cfg job to them to print the composed config without "
+                           "running anything).")
 
 
 @dataclass(frozen=True)
