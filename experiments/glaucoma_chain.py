@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 import tempfile
 from functools import partial
 from pathlib import Path
@@ -36,7 +35,6 @@ from lightning import Callback
 from omegaconf import DictConfig
 
 from compression.export import quiet_onnx_tool_logs
-from datamodules.errors import DataValidationError
 from datamodules.optic_disc import DiscDataModule
 from experiments.chain_summary import (
     BASE_ARM,
@@ -52,10 +50,10 @@ from experiments.chain_summary import (
 )
 from experiments.config_checks import ConfigError, check_disc_config, instantiation_problem
 from experiments.runner import (
-    FinisherFailures,
     RunContext,
     build_callbacks,
     check_retest,
+    exit_on_user_errors,
     finishing,
     fit_and_test_stage,
     raise_for_failed_finishers,
@@ -305,17 +303,7 @@ def _log_summary(ctx: RunContext, parent: str, table, tolerance: float) -> None:
 @hydra.main(version_base="1.3", config_path="conf", config_name="glaucoma_chain")
 def main(cfg: DictConfig) -> float | None:
     quiet_onnx_tool_logs()  # the qat finishers' int8 export would print pages
-    try:
-        return run_glaucoma_chain(cfg)
-    except DataValidationError as error:
-        log.error("Data problem, nothing was trained:\n%s", error)
-        sys.exit(2)
-    except ConfigError as error:
-        log.error("%s", error)
-        sys.exit(2)
-    except FinisherFailures as error:
-        log.error("%s", error)
-        sys.exit(1)
+    return exit_on_user_errors(lambda: run_glaucoma_chain(cfg))
 
 
 if __name__ == "__main__":

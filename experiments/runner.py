@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ from lightning.pytorch.callbacks import Callback, DeviceStatsMonitor, LearningRa
 from omegaconf import DictConfig, OmegaConf
 
 from compression.parity import DeployableParityError
+from datamodules.errors import DataValidationError
+from experiments.config_checks import ConfigError
 from experiments.distributed import (
     FAILED,
     PrimaryStageError,
@@ -272,6 +275,23 @@ def raise_for_failed_finishers(ctx: RunContext, stages: list[str]) -> None:
             f"{len(failed)} finisher stage(s) failed the parity check of their deployable file ({reasons}). The "
             f"other stages and the summary are done in {ctx.run_dir}. To retry, rerun with resume={ctx.run_dir} "
             "and more fine-tuning epochs or a looser tolerance (or resume=true with the same overrides)")
+
+
+def exit_on_user_errors(job: Callable[[], Any]) -> Any:
+    """An entry point's job (``main`` of dr-distill and glaucoma-iterations): a problem the user fixes ends it with
+    one logged message instead of a traceback, exit code 2 when nothing was trained (bad data or settings) and 1
+    when finishers failed their parity check (everything else done)."""
+    try:
+        return job()
+    except DataValidationError as error:
+        log.error("Data problem, nothing was trained:\n%s", error)
+        sys.exit(2)
+    except ConfigError as error:
+        log.error("%s", error)
+        sys.exit(2)
+    except FinisherFailures as error:
+        log.error("%s", error)
+        sys.exit(1)
 
 
 def _record_parity_failure(ctx: RunContext, stage: str, error: DeployableParityError) -> dict[str, Any]:

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import logging
-import sys
 import tempfile
 from functools import partial
 from pathlib import Path
@@ -23,13 +22,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from compression.export import network_input_names, quiet_onnx_tool_logs
 from datamodules.dr import DRDataModule
-from datamodules.errors import DataValidationError
 from experiments.config_checks import ConfigError, check_dr_config, instantiation_problem
 from experiments.runner import (
-    FinisherFailures,
     RunContext,
     build_callbacks,
     check_retest,
+    exit_on_user_errors,
     finishing,
     fit_and_test_stage,
     raise_for_failed_finishers,
@@ -203,17 +201,7 @@ def _print_summary(summary: dict[str, float]) -> None:
 @hydra.main(version_base="1.3", config_path="conf", config_name="train_dr")
 def main(cfg: DictConfig) -> float | None:
     quiet_onnx_tool_logs()  # the student_qat stage's int8 export would print pages
-    try:
-        return run_dr_distill(cfg)
-    except DataValidationError as error:
-        log.error("Data problem, nothing was trained:\n%s", error)
-        sys.exit(2)
-    except ConfigError as error:
-        log.error("%s", error)
-        sys.exit(2)
-    except FinisherFailures as error:
-        log.error("%s", error)
-        sys.exit(1)
+    return exit_on_user_errors(lambda: run_dr_distill(cfg))
 
 
 if __name__ == "__main__":
