@@ -290,3 +290,37 @@ def read_photograph(path: str | os.PathLike, check: PhotographCheck = DEFAULT_CH
     if problem is not None:
         raise NotAFundusError(f"{path}: {problem}")
     return image
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m datamodules.photograph FOLDER... [--image-size N] [--no-field-of-view]``: every image file
+    under the folders through the check training applies; prints each refused file with its reason and a count
+    per folder. Exit code 1 when any file is refused."""
+    import argparse
+    import time
+
+    parser = argparse.ArgumentParser(prog="python -m datamodules.photograph", description=main.__doc__)
+    parser.add_argument("folders", nargs="+", type=Path)
+    parser.add_argument("--image-size", type=int, default=224, help="the network's input size (data.image_size)")
+    parser.add_argument("--no-field-of-view", action="store_true", help="data.require_field_of_view=false")
+    arguments = parser.parse_args(argv)
+    check = PhotographCheck.for_image_size(arguments.image_size, not arguments.no_field_of_view)
+    suffixes = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
+    refused_anywhere = False
+    for folder in arguments.folders:
+        files = sorted(path for path in folder.rglob("*") if path.suffix.lower() in suffixes)
+        started, refused = time.perf_counter(), 0
+        for path in files:
+            try:
+                read_photograph(path, check)
+            except UNUSABLE_PHOTOGRAPH_ERRORS as error:
+                refused += 1
+                print(f"refused: {error}")
+        elapsed_ms = (time.perf_counter() - started) * 1e3 / max(1, len(files))
+        print(f"{folder}: {len(files)} image(s), {refused} refused ({elapsed_ms:.1f} ms per image)")
+        refused_anywhere |= refused > 0
+    return 1 if refused_anywhere else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -165,3 +165,16 @@ def test_a_jpeg_is_turned_by_its_exif_orientation(tmp_path: Path):
     decoded = read_photograph(path)
     assert decoded.shape == (120, 80, 3)  # displayed upright: 80 wide, 120 high
     np.testing.assert_array_equal(decoded, read_rgb(path))
+
+
+def test_the_folder_check_lists_refused_files_and_exits_1(tmp_path: Path, capsys):
+    from datamodules.photograph import main
+
+    write_photo(tmp_path / "set" / "a.png", fundus_photo(7))
+    write_photo(tmp_path / "set" / "sub" / "b.png", scanned_page())
+    assert main([str(tmp_path / "set"), "--image-size", "64"]) == 1
+    printed = capsys.readouterr().out
+    assert "refused: " in printed and "b.png: not a fundus photograph" in printed
+    assert f"{tmp_path / 'set'}: 2 image(s), 1 refused" in printed
+    (tmp_path / "set" / "sub" / "b.png").unlink()
+    assert main([str(tmp_path / "set"), "--image-size", "64"]) == 0
