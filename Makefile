@@ -16,7 +16,7 @@ CHROMIUM ?= /usr/bin/chromium
 PYTEST_FLAGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv dr-distill glaucoma-iterations bench report predict test test-full test-e2e browser lint format mlflow-ui clean
+.PHONY: help venv dr-distill glaucoma-iterations bench report predict evaluate test test-full test-e2e browser lint format mlflow-ui clean
 
 help: ## Show the targets
 	@awk 'BEGIN {FS = ":.*## "}; /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -49,6 +49,9 @@ report: $(INSTALLED) ## HTML + Markdown report of the latest (or chosen) runs fr
 
 predict: $(INSTALLED) ## Grade / segment a folder with a run's ONNX model (ARGS="model=<run id|run or stage folder> input=<folder> [output=… precision=int8|fp32 gradcam=true overwrite=true]")
 	$(BIN)/python -m experiments.predict $(ARGS)
+
+evaluate: $(INSTALLED) ## Score a grading model on any labelled set, every image (ARGS="model=<run|stage|bundle|run id> data=aptos|eyepacs data.root=<dir> [precision=fp32]")
+	$(BIN)/python -m experiments.evaluate $(ARGS)
 
 test: $(INSTALLED) ## Fast test suite (no slow or browser tests), the CI command
 	$(BIN)/python -m pytest -m "not slow and not e2e" $(PYTEST_FLAGS)

@@ -15,7 +15,13 @@ from albumentations.pytorch import ToTensorV2
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
-from datamodules.dr_index import NUM_GRADES, read_aptos_index, read_eyepacs_index, write_synthetic_dr_dataset
+from datamodules.dr_index import (
+    IMAGE_FOLDERS,
+    NUM_GRADES,
+    read_aptos_index,
+    read_eyepacs_index,
+    write_synthetic_dr_dataset,
+)
 from datamodules.errors import DataValidationError
 from datamodules.fundus import (
     PREPROCESS_VERSION,
@@ -280,10 +286,18 @@ class DRDataModule(LightningDataModule):
             log.warning(SYNTHETIC_BANNER)
             write_synthetic_dr_dataset(self.dataset_root, **self.synthetic)
 
-    def read_index(self) -> pd.DataFrame:
+    def read_index(self, missing_images: list[str] | None = None) -> pd.DataFrame:
+        """The label file's validated index; with a ``missing_images`` list, rows without their image are
+        described there instead of failing (``datamodules.dr_index``)."""
         if self.format == "eyepacs":
-            return read_eyepacs_index(self.dataset_root)
-        return read_aptos_index(self.dataset_root)  # APTOS layout, also what the synthetic writer produces
+            return read_eyepacs_index(self.dataset_root, missing_images)
+        # APTOS layout, also what the synthetic writer produces
+        return read_aptos_index(self.dataset_root, missing_images)
+
+    @property
+    def image_folders(self) -> tuple[str, ...]:
+        """Where this format's images are looked for, under ``dataset_root``."""
+        return IMAGE_FOLDERS["eyepacs" if self.format == "eyepacs" else "aptos"]
 
     def setup(self, stage: str | None = None) -> None:
         if self.index is not None:

@@ -86,8 +86,10 @@ def _find_image(folders: list[Path], stem: str) -> Path | None:
 
 def _index(
     root: Path, csv_name: str, id_column: str, label_column: str, image_folders: list[str], fmt: str,
-    patient_of: callable,
+    patient_of: callable, missing_images: list[str] | None = None,
 ) -> pd.DataFrame:
+    """The validated index; with a ``missing_images`` list, rows whose image is missing are left out and
+    described there instead of being errors (``make evaluate`` scores what is there)."""
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DataValidationError(f"data.root={root} is not a folder",
@@ -107,7 +109,8 @@ def _index(
         path = _find_image(folders, sample_id)
         if path is None:
             expected = " or ".join(str(f / f"{sample_id}.*") for f in folders)
-            problems.append(f"{csv_path}:{position + 2}: no image for '{sample_id}' (looked for {expected})")
+            problem = f"{csv_path}:{position + 2}: no image for '{sample_id}' (looked for {expected})"
+            (missing_images if missing_images is not None else problems).append(problem)
         paths.append(path)
     if problems:
         raise DataValidationError(
@@ -115,15 +118,35 @@ def _index(
             problems,
             fix="correct or delete these rows (labels are integers 0-4, one row per image, every row's image present).",
         )
-    table["path"] = [str(p) for p in paths]
+    table["path"] = [str(p) if p is not None else None for p in paths]
+    table = table[table["path"].notna()].copy()
+    if table.empty:
+        raise DataValidationError(f"none of the {len(paths)} images listed in {csv_path} exists", missing_images,
+                                  fix=f"point data.root at the folder holding {csv_name} and its image folder.")
     table["patient"] = [patient_of(s) for s in table["sample_id"]]
     return table[INDEX_COLUMNS].reset_index(drop=True)
 
 
-def read_aptos_index(root: str | Path) -> pd.DataFrame:
+def unlabelled_images(root: str | Path, index: pd.DataFrame, image_folders: tuple[str, ...]) -> list[Path]:
+    """Image files in ``root``'s image folders that no row of ``index`` names (they cannot be scored)."""
+    listed = {Path(path).resolve() for path in index["path"]}
+    found = []
+    for name in image_folders:
+        folder = Path(root) / name
+        if folder.is_dir():
+            found += [path for path in sorted(folder.iterdir()) if path.is_file()
+                      and path.suffix.lower() in IMAGE_SUFFIXES and path.resolve() not in listed]
+    return found
+
+
+#: where each format's images may be, in the order they are looked for
+IMAGE_FOLDERS = {"aptos": ("train_images", "."), "eyepacs": ("images", "train", ".")}
+
+
+def read_aptos_index(root: str | Path, missing_images: list[str] | None = None) -> pd.DataFrame:
     """APTOS 2019: ``train.csv`` (id_code, diagnosis) and ``train_images/<id_code>.png``; no patient ids."""
-    return _index(Path(root), "train.csv", "id_code", "diagnosis", ["train_images", "."], "aptos",
-                  patient_of=lambda sample_id: sample_id)
+    return _index(Path(root), "train.csv", "id_code", "diagnosis", list(IMAGE_FOLDERS["aptos"]), "aptos",
+                  patient_of=lambda sample_id: sample_id, missing_images=missing_images)
 
 
 def patient_of_eye(sample_id: str) -> str:
@@ -132,10 +155,10 @@ def patient_of_eye(sample_id: str) -> str:
     return stem if stem and side.lower() in {"left", "right"} else sample_id
 
 
-def read_eyepacs_index(root: str | Path) -> pd.DataFrame:
+def read_eyepacs_index(root: str | Path, missing_images: list[str] | None = None) -> pd.DataFrame:
     """EyePACS / Kaggle DR 2015: ``trainLabels.csv`` (image, level), images in ``images/``, ``train/`` or root."""
-    return _index(Path(root), "trainLabels.csv", "image", "level", ["images", "train", "."], "eyepacs",
-                  patient_of=patient_of_eye)
+    return _index(Path(root), "trainLabels.csv", "image", "level", list(IMAGE_FOLDERS["eyepacs"]), "eyepacs",
+                  patient_of=patient_of_eye, missing_images=missing_images)
 
 
 def write_synthetic_dr_dataset(

@@ -110,6 +110,21 @@ def find_resumable_run(task_dir: Path, run_key: str) -> Path | None:
     return max(candidates, key=lambda p: p.stat().st_mtime).parent
 
 
+def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | None = None) -> str:
+    """The id of experiment ``name``, created (or restored) when needed and tagged for MLflow 3's UI."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        experiment_id = client.create_experiment(name, artifact_location=artifact_location)
+    else:
+        experiment_id = experiment.experiment_id
+        if experiment.lifecycle_stage == "deleted":
+            client.restore_experiment(experiment_id)
+    if experiment is None or EXPERIMENT_KIND_TAG not in experiment.tags:
+        # MLflow 3's UI opens an experiment without this tag on its GenAI (traces) overview
+        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return experiment_id
+
+
 class RunTracker:
     """Creates (or, on resume, reopens) the parent run and its per-stage child runs."""
 
@@ -123,17 +138,7 @@ class RunTracker:
         self.experiment_id = self._experiment(artifact_location)
 
     def _experiment(self, artifact_location: str | None) -> str:
-        experiment = self.client.get_experiment_by_name(self.experiment_name)
-        if experiment is None:
-            experiment_id = self.client.create_experiment(self.experiment_name, artifact_location=artifact_location)
-        else:
-            experiment_id = experiment.experiment_id
-            if experiment.lifecycle_stage == "deleted":
-                self.client.restore_experiment(experiment_id)
-        if experiment is None or EXPERIMENT_KIND_TAG not in experiment.tags:
-            # MLflow 3's UI opens an experiment without this tag on its GenAI (traces) overview
-            self.client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
-        return experiment_id
+        return ensure_experiment(self.client, self.experiment_name, artifact_location)
 
     def _run(self, run_id: str | None, name: str, tags: dict[str, str]) -> str:
         if run_id is not None:
