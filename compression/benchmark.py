@@ -570,6 +570,8 @@ def pareto_plot(table: pd.DataFrame, path: str | os.PathLike) -> Path:
                       linestyle="--", linewidth=1, label="Pareto front")
             metric = ", ".join(sorted(set(panel["quality_metric"].dropna().astype(str)))) or "quality"
             axis.set_xscale("log")
+            # quality from zero, as in make report: differences in the third decimal are not drawn as a cliff
+            axis.set_ylim(bottom=min(0.0, float(panel["quality"].min())), top=1.02)
             axis.set_ylabel(f"quality ({metric})")
         axis.set_xlabel("batch-1 latency, median (ms, log scale)")
         axis.set_title(f"{pipeline}: quality vs latency (point area ~ file size)")

@@ -56,6 +56,7 @@ from datamodules.fundus import data_fingerprint
 from datamodules.photograph import NotAFundusError, UnreadableImageError
 from experiments.predict import PredictError, resolve_bundle, write_csv
 from experiments.report_data import grading_scores
+from experiments.stages import EXTERNAL_PREFIX
 from experiments.tracking import (
     MLFLOW_PARENT_RUN_ID,
     MLFLOW_RUN_NAME,
@@ -73,8 +74,6 @@ log = logging.getLogger(__name__)
 
 #: the experiment of an evaluation whose model's run is not in the store
 EVALUATE_EXPERIMENT = "evaluate"
-#: every external run's name starts with it (``make report`` tells them from stage runs by it)
-EXTERNAL_PREFIX = "external-"
 PREDICTIONS_ARTIFACT = "predictions/external_predictions.csv"
 
 

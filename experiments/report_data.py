@@ -33,7 +33,7 @@ from scipy import stats
 from sklearn.metrics import accuracy_score, f1_score
 
 from experiments.chain_summary import BASE_ARM, DEFAULT_LIMINAL_TOLERANCE, liminal_points
-from experiments.stages import DR_STAGES
+from experiments.stages import DR_STAGES, EXTERNAL_PREFIX
 from experiments.tracking import child_runs, download_artifact, is_parent, read_csv_artifact
 
 log = logging.getLogger(__name__)
@@ -305,28 +305,39 @@ def _metric(run: Run, key: str) -> float:
 
 
 def dr_table(selected: Sequence[SelectedRun], ui_url: str) -> pd.DataFrame:
-    """One row per teacher / student / student_qat child run of the selected dr-distill runs."""
+    """One row per teacher / student / student_qat child run of the selected dr-distill runs, and one per
+    ``make evaluate`` run of theirs (``<stage> on <dataset>``: its scores, the stage's size and latency)."""
     rows = []
     for parent in (s for s in selected if s.kind == DR):
+        by_stage = {child.info.run_name: child for child in parent.children}
         for child in parent.children:
             stage = child.info.run_name
-            if stage not in DR_STAGES:
+            external = ""
+            if stage in DR_STAGES:
+                model, label, precision = child, stage, "int8" if stage == "student_qat" else "fp32"
+            elif stage.startswith(EXTERNAL_PREFIX) and child.data.tags.get("stage") in by_stage:
+                # make evaluate's score of a stage on another set: the stage's own size and latency beside it
+                model = by_stage[child.data.tags["stage"]]
+                external = stage.removeprefix(EXTERNAL_PREFIX)
+                label = f"{child.data.tags['stage']} on {external}"
+                precision = child.data.tags.get("precision", "")
+            else:
                 continue  # e.g. the bench child run of make bench
             rows.append({
                 "parent_id": parent.parent.info.run_id, "run": run_link(ui_url, parent.parent, parent.name),
-                "stage": stage,
-                "precision": "int8" if stage == "student_qat" else "fp32",
+                "stage": label,
+                "precision": precision,
                 "qwk": _metric(child, "test/qwk"), "acc": _metric(child, "test/acc"),
                 "f1_macro": _metric(child, "test/f1_macro"), "ece": _metric(child, "test/ece"),
-                "params": _metric(child, "model/params"), "macs": _metric(child, "model/macs"),
-                "size_bytes": _metric(child, "model/size_bytes"),
-                "latency_ms": _metric(child, "model/latency_ms_median"),
-                "pipeline_latency_ms": _metric(child, "pipeline/latency_ms_median"),
-                "run_id": run_link(ui_url, child),
+                "params": _metric(model, "model/params"), "macs": _metric(model, "model/macs"),
+                "size_bytes": _metric(model, "model/size_bytes"),
+                "latency_ms": _metric(model, "model/latency_ms_median"),
+                "pipeline_latency_ms": _metric(model, "pipeline/latency_ms_median"),
+                "run_id": run_link(ui_url, child), "external_dataset": external,
             })
     return pd.DataFrame(rows, columns=["parent_id", "run", "stage", "precision", "qwk", "acc", "f1_macro",
                                        "ece", "params", "macs", "size_bytes", "latency_ms",
-                                       "pipeline_latency_ms", "run_id"])
+                                       "pipeline_latency_ms", "run_id", "external_dataset"])
 
 
 def _glaucoma_precision(arm: str, params: Mapping[str, str]) -> str:

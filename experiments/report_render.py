@@ -198,6 +198,8 @@ def pareto_points(data: ReportData) -> pd.DataFrame:
     frames = []
     for kind, table, quality, metric, group in ((DR, data.dr_table, "qwk", "test QWK", "stage"),
                                                 (GLAUCOMA, data.glaucoma_table, "dice", "test Dice", "arm")):
+        if "external_dataset" in table:  # scores on another set are not points of this set's trade-off
+            table = table[table["external_dataset"] == ""]
         if table.empty:
             continue
         several = sum(s.kind == kind for s in data.selected) > 1
@@ -241,6 +243,10 @@ def pareto_figure(points: pd.DataFrame, path: Path) -> Path | None:
             log_scale = x.max() / x.min() > 10
             if log_scale:
                 axis.set_xscale("log")
+            else:
+                # from zero: autoscaled to the points alone, 11.734 and 11.745 ms were drawn at opposite corners
+                axis.set_xlim(left=0, right=float(x.max()) * 1.08)
+            axis.set_ylim(bottom=min(0.0, float(panel["quality"].min())), top=1.02)
             axis.set_xlabel(f"{title}{', log scale' if log_scale else ''}")
             axis.set_ylabel(panel["metric"].iloc[0])
             axis.set_title(f"{pipeline}: {panel['metric'].iloc[0]} vs {title.split(',')[0].split(' (')[0]}")

@@ -10,6 +10,8 @@ DR_STAGES = ("teacher", "student", "student_qat", "baseline")
 #: dr-distill's finisher: it fine-tunes the finished student into an int8 ONNX model of its own, so it cannot be
 #: tested (or bundled) again from a checkpoint with ``retest=true``
 DR_FINISHERS = ("student_qat",)
+#: the name of every ``make evaluate`` run starts with it: ``external-<dataset>``, a child of the model's run
+EXTERNAL_PREFIX = "external-"
 
 
 def split_run_key(run_key: str) -> dict[str, str]:

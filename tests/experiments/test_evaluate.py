@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 import cv2
 import numpy as np
@@ -13,6 +14,8 @@ from hydra import compose, initialize_config_dir
 from sklearn.metrics import accuracy_score, cohen_kappa_score
 
 from experiments.evaluate import exit_status, grading_metrics, run_evaluate
+from experiments.report_data import dr_table, select_runs
+from experiments.report_render import pareto_points
 from experiments.train_dr import run_dr_distill
 from tests.compression.deploy_helpers import write_disc_bundle, write_grading_bundle
 from tests.experiments.helpers import compose_config, mlflow_store, runs_by_name
@@ -78,6 +81,15 @@ def test_a_trained_run_gets_an_external_child_run_beside_its_stages(project, tmp
     (parent,) = [run for name, found in runs.items() if name.startswith("dr-distill") for run in found]
     assert external.data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert external.data.tags["stage"] == "student" and external.data.tags["precision"] == "int8"
+    # make report shows it beside the internal test split, with the stage's size and latency, off the Pareto plot
+    selected, _ = select_runs(client, f"sqlite:///{project / 'mlruns' / 'mlflow.db'}", [parent.info.run_id])
+    table = dr_table(selected, "http://127.0.0.1:5000").set_index("stage")
+    assert table.loc["student on eyepacs", "qwk"] == pytest.approx(metrics["test/qwk"])
+    assert table.loc["student on eyepacs", "precision"] == "int8"
+    assert table.loc["student on eyepacs", "latency_ms"] == table.loc["student", "latency_ms"]
+    points = pareto_points(SimpleNamespace(dr_table=table.reset_index(), glaucoma_table=pd.DataFrame(),
+                                           selected=selected))
+    assert list(points["label"]) == ["student"]
 
 
 def test_wrong_models_and_unusable_label_files_are_clear_errors(project, grading_bundle, aptos_root, tmp_path,
