@@ -23,6 +23,8 @@ def images_in_batch(batch: Any) -> int:
     """The number of samples in a batch: the first dimension of its first tensor (dicts, tuples, tensors)."""
     if isinstance(batch, torch.Tensor):
         return int(batch.shape[0]) if batch.ndim else 1
+    if isinstance(batch, str | bytes):
+        return 0
     values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, Sequence) else ()
     for value in values:
         count = images_in_batch(value)
