@@ -15,8 +15,8 @@ split; a bundle whose run is not in the store gets a run of its own in the ``eva
 ``test/qwk``, ``test/acc``, ``test/f1_macro``, ``test/f1_weighted``, ``test/recall_<g>``, ``test/ece``, the
 95% bootstrap intervals ``test/qwk_ci_low``/``_high`` and ``test/acc_ci_low``/``_high``, the counts
 ``external/{scored,missing,unlabelled,skipped,failed}``, ``external/images_per_s``; the data fingerprint as a
-tag; artifacts: the per-image predictions (``predictions/external_predictions.csv``, the columns of a stage's
-``test_predictions.csv``), the files not scored with their reasons, the confusion matrix, reliability diagram
+tag; artifacts: the per-image predictions (``predictions/<stage>-<precision>.csv``, the columns of a stage's
+``test_predictions.csv``), the files not scored with their reasons (``..._not_scored.csv``), the confusion matrix, reliability diagram
 and precision-recall curves. Exit status 0, or 2 (logged) for a wrong ``model=``/``data=`` or a model that is
 not a grading model.
 """
@@ -74,7 +74,6 @@ log = logging.getLogger(__name__)
 
 #: the experiment of an evaluation whose model's run is not in the store
 EVALUATE_EXPERIMENT = "evaluate"
-PREDICTIONS_ARTIFACT = "predictions/external_predictions.csv"
 
 
 class EvaluateError(ValueError):

@@ -34,7 +34,7 @@ from experiments.report_data import (
     run_id_list,
 )
 from experiments.report_render import write_report
-from experiments.tracking import default_artifact_root, default_tracking_uri, git_commit
+from experiments.tracking import default_artifact_root, default_tracking_uri, ensure_experiment, git_commit
 
 log = logging.getLogger(__name__)
 
@@ -60,13 +60,7 @@ def report_run_name(data: ReportData) -> str:
 def log_report(client: MlflowClient, data: ReportData, files: Sequence[Path], experiment_name: str,
                project_root: Path, artifact_location: str | None) -> str:
     """A FINISHED run of ``experiment_name`` holding the report's files under ``report/``; returns its id."""
-    experiment = client.get_experiment_by_name(experiment_name)
-    if experiment is None:
-        experiment_id = client.create_experiment(experiment_name, artifact_location=artifact_location)
-    else:
-        experiment_id = experiment.experiment_id
-        if experiment.lifecycle_stage == "deleted":
-            client.restore_experiment(experiment_id)
+    experiment_id = ensure_experiment(client, experiment_name, artifact_location)
     commit, dirty = git_commit(project_root)
     tags = {MLFLOW_RUN_NAME: report_run_name(data), MLFLOW_GIT_COMMIT: commit,
             "git_dirty": str(dirty).lower(),
