@@ -15,7 +15,7 @@ split; a bundle whose run is not in the store gets a run of its own in the ``eva
 ``test/qwk``, ``test/acc``, ``test/f1_macro``, ``test/f1_weighted``, ``test/recall_<g>``, ``test/ece``, the
 95% bootstrap intervals ``test/qwk_ci_low``/``_high`` and ``test/acc_ci_low``/``_high``, the counts
 ``external/{scored,missing,unlabelled,skipped,failed}``, ``external/images_per_s``; the data fingerprint as a
-tag; artifacts: the per-image predictions (``predictions/<stage>-<precision>.csv``, the columns of a stage's
+tag; artifacts: the per-image predictions (``predictions/<stage>-<precision>-<model hash>.csv``, the columns of a stage's
 ``test_predictions.csv``), the files not scored with their reasons (``..._not_scored.csv``), the confusion matrix, reliability diagram
 and precision-recall curves. Exit status 0, or 2 (logged) for a wrong ``model=``/``data=`` or a model that is
 not a grading model.
@@ -226,8 +226,11 @@ def run_evaluate(cfg: DictConfig) -> dict[str, float]:
                 "external/images_per_s": len(index) / scored.seconds if scored.seconds > 0 else float("nan"),
                 **{f"external/{status}": float(counts.get(status, 0))
                    for status in ("missing", "unlabelled", "skipped", "failed")}}
+    # the model's own hash in the default name: two runs' students evaluated on one set keep their own files
+    model_hash = str(bundle.manifest.get("sha256", {}).get(bundle.fp32_path.name, ""))[:8]
+    default_name = f"{bundle.stage}-{predictor.precision}{f'-{model_hash}' if model_hash else ''}.csv"
     output = (Path(str(cfg.output)).expanduser() if cfg.output else
-              Path(cfg.paths.output_root).resolve() / "evaluate" / name / f"{bundle.stage}-{predictor.precision}.csv")
+              Path(cfg.paths.output_root).resolve() / "evaluate" / name / default_name)
     output.parent.mkdir(parents=True, exist_ok=True)
     write_csv(scored.predictions, output)
     skipped_file = output.with_name(f"{output.stem}_not_scored.csv")

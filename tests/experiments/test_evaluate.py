@@ -55,7 +55,10 @@ def test_a_bundle_is_scored_on_every_image_and_what_is_not_scored_is_counted(pro
                  "test/qwk_ci_high", "test/acc_ci_low", "test/acc_ci_high", *(f"test/recall_{g}" for g in range(5))):
         assert name in metrics, name
     assert metrics["test/acc_ci_low"] <= metrics["test/acc"] <= metrics["test/acc_ci_high"]
-    predictions = pd.read_csv(project / "outputs" / "evaluate" / "clinic-a" / "student-fp32.csv")
+    (written,) = (path for path in (project / "outputs" / "evaluate" / "clinic-a").glob("student-fp32-*.csv")
+                  if not path.stem.endswith("_not_scored"))
+    assert len(written.stem.removeprefix("student-fp32-")) == 8  # the model's hash: runs do not overwrite
+    predictions = pd.read_csv(written)
     assert list(predictions.columns) == ["image", "label", "prediction", *(f"prob_{k}" for k in range(5))]
     assert len(predictions) == 38 and "img005" not in set(predictions["image"])
     assert accuracy_score(predictions["label"], predictions["prediction"]) == pytest.approx(metrics["test/acc"])
@@ -67,7 +70,7 @@ def test_a_bundle_is_scored_on_every_image_and_what_is_not_scored_is_counted(pro
     assert len(run.data.tags["data_fingerprint"]) == 16
     artifacts = {a.path for folder in ("plots", "predictions") for a in client.list_artifacts(run.info.run_id, folder)}
     assert {"plots/confusion_matrix.png", "plots/reliability.png", "plots/pr_curves.png",
-            "predictions/student-fp32.csv", "predictions/student-fp32_not_scored.csv"} <= artifacts
+            f"predictions/{written.name}", f"predictions/{written.stem}_not_scored.csv"} <= artifacts
 
 
 def test_a_trained_run_gets_an_external_child_run_beside_its_stages(project, tmp_path, eyepacs_root):
