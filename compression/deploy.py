@@ -367,9 +367,16 @@ def rebundle_advice(folder: str | os.PathLike, task: object = None) -> str:
                   else "<its run folder under outputs/>")
     targets = {GRADING_TASK: "dr-distill", DISC_TASK: "glaucoma-iterations"}
     target = targets[task] if task in TASKS else "|".join(targets.values())
-    return (f'write it again without training: make {target} ARGS="<the run\'s overrides> retest=true '
-            f'resume={run_folder}" (finisher stages - student_qat, qat-*, share-* - cannot be tested again: '
-            "use another stage of the run)")
+    command = rebundle_command(f"make {target}", "<the run's overrides>", run_folder)
+    return (f"write it again without training: {command} (finisher stages - student_qat, qat-*, share-* - "
+            "cannot be tested again: use another stage of the run)")
+
+
+def rebundle_command(target: str, overrides: str, run_folder: str) -> str:
+    """The command that writes the bundles of a run's finished stages again without training (``retest=true``):
+    ``target`` (``make dr-distill`` ...) with the run's ``overrides`` and its folder."""
+    arguments = " ".join(part for part in (overrides, "retest=true", f"resume={run_folder}") if part)
+    return f'{target} ARGS="{arguments}"'
 
 
 def load_bundle(folder: str | os.PathLike) -> Bundle:

@@ -25,15 +25,15 @@ from datamodules.dr_index import (
 from datamodules.errors import DataValidationError
 from datamodules.fundus import (
     PREPROCESS_VERSION,
+    SKIPPED_COLUMNS,
     FundusPreprocessing,
     PreprocessedImageCache,
     atomic_save_npy,
     check_preprocessing_spec,
     data_fingerprint,
+    drop_unusable,
     load_npy_checked,
-    skipped_files_table,
     source_key,
-    unusable_files_error,
 )
 from datamodules.photograph import PhotographCheck, read_photograph
 from datamodules.splits import SPLITS, check_splits, stratified_group_split, with_split_column
@@ -211,7 +211,7 @@ class DRDataModule(LightningDataModule):
         self.image_cache = PreprocessedImageCache(self.cache_dir, self.preprocessing, self.photograph_check)
         self.index: pd.DataFrame | None = None
         #: sample_id, path, reason of the files data.skip_unusable=true left out (empty: none)
-        self.skipped = skipped_files_table([], [], [])
+        self.skipped = pd.DataFrame(columns=SKIPPED_COLUMNS)
         self.split_indices: dict[str, np.ndarray] = {}
         self.imager: PersistenceImager | None = None
         self.datasets: dict[str, FundusGradingDataset] = {}
@@ -332,15 +332,9 @@ class DRDataModule(LightningDataModule):
         log.info("Decoding, checking and caching %d images (first run only) under %s", len(paths),
                  self.image_cache.root)
         problems = self.image_cache.warm([Path(p) for p in paths], num_threads=max(2, self.num_workers))
-        if not problems:
-            return index
-        if not self.skip_unusable:
-            raise unusable_files_error(problems, len(paths), "images",
-                                       "replace or delete these files and remove their rows from the label CSV.")
-        self.skipped = skipped_files_table(index["sample_id"].tolist(), paths, problems)
-        log.warning("data.skip_unusable=true: training without %d unusable image(s) of %d:\n%s", len(problems),
-                    len(paths), "\n".join(f"  - {message}" for _, message in problems[:20]))
-        return index.drop(index.index[[position for position, _ in problems]]).reset_index(drop=True)
+        index, self.skipped = drop_unusable(index, paths, problems, self.skip_unusable, "images",
+                                            "replace or delete these files and remove their rows from the label CSV.")
+        return index
 
     def _diagrams(self, path: Path) -> list[np.ndarray]:
         """Persistence diagrams of one image, cached on disk next to its preprocessed image."""

@@ -293,24 +293,36 @@ def failures_in_threads(
                 if problem is not None]
 
 
-def unusable_files_error(problems: Sequence[tuple[int, str]], total: int, what: str,
-                         fix: str) -> DataValidationError:
-    """The error that stops a run whose data holds unusable files (``problems`` from ``failures_in_threads``)."""
-    return DataValidationError(
-        f"{len(problems)} of {total} {what} cannot be used; nothing was trained",
-        [problem for _, problem in problems],
-        fix=f"{fix} Or set data.skip_unusable=true to train without them: they are then listed in the run's "
-            "skipped_files.csv (an MLflow artifact) and counted as data/skipped_files.",
-    )
+#: the columns of the table of files ``data.skip_unusable=true`` left out
+SKIPPED_COLUMNS = ["sample_id", "path", "reason"]
 
 
-def skipped_files_table(sample_ids: Sequence[str], paths: Sequence[str],
-                        problems: Sequence[tuple[int, str]]) -> pd.DataFrame:
-    """sample_id, path, reason of the files ``data.skip_unusable=true`` left out (positions into the ids)."""
-    return pd.DataFrame({"sample_id": [sample_ids[position] for position, _ in problems],
-                         "path": [paths[position] for position, _ in problems],
-                         "reason": [problem.removeprefix(f"{paths[position]}: ") for position, problem in problems]},
-                        columns=["sample_id", "path", "reason"])
+def drop_unusable(index: pd.DataFrame, paths: Sequence[str], problems: Sequence[tuple[int, str]], skip: bool,
+                  what: str, fix: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(the rows of ``index`` whose file is usable, sample_id/path/reason of those left out), from the
+    ``problems`` of a cache warm-up (``failures_in_threads``: positions into ``index`` and ``paths``).
+
+    Raises:
+        DataValidationError: there are problems and not ``skip`` (``data.skip_unusable``): every file with its
+            reason, ``fix``, and the way out.
+    """
+    if not problems:
+        return index, pd.DataFrame(columns=SKIPPED_COLUMNS)
+    if not skip:
+        raise DataValidationError(
+            f"{len(problems)} of {len(paths)} {what} cannot be used; nothing was trained",
+            [problem for _, problem in problems],
+            fix=f"{fix} Or set data.skip_unusable=true to train without them: they are then listed in the run's "
+                "skipped_files.csv (an MLflow artifact) and counted as data/skipped_files.",
+        )
+    positions = [position for position, _ in problems]
+    skipped = pd.DataFrame({"sample_id": [index["sample_id"].iloc[position] for position in positions],
+                            "path": [paths[position] for position in positions],
+                            "reason": [problem.removeprefix(f"{paths[position]}: ") for position, problem in problems]},
+                           columns=SKIPPED_COLUMNS)
+    log.warning("data.skip_unusable=true: training without %d unusable %s of %d:\n%s", len(problems), what,
+                len(paths), "\n".join(f"  - {message}" for _, message in problems[:20]))
+    return index.drop(index.index[positions]).reset_index(drop=True), skipped
 
 
 class PreprocessedImageCache:

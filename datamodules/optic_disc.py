@@ -29,19 +29,19 @@ from datamodules.dr import IMAGENET_MEAN, IMAGENET_STD, evaluation_transform
 from datamodules.dr_index import patient_of_eye
 from datamodules.errors import DataValidationError
 from datamodules.fundus import (
+    SKIPPED_COLUMNS,
     SquareCrop,
     UnreadableImageError,
     atomic_save_npy,
     check_preprocessing_spec,
     clahe_lab,
     data_fingerprint,
+    drop_unusable,
     failures_in_threads,
     load_npy_checked,
     resize_square,
     retina_square_crop,
-    skipped_files_table,
     source_key,
-    unusable_files_error,
 )
 from datamodules.photograph import UNUSABLE_PHOTOGRAPH_ERRORS, PhotographCheck, read_photograph
 from datamodules.splits import SPLITS, check_fold_arguments, kfold_with_test_split, with_split_column
@@ -302,7 +302,7 @@ class DiscDataModule(LightningDataModule):
         self.pair_cache = PreprocessedPairCache(self.cache_dir, self.preprocessing, self.photograph_check)
         self.index: pd.DataFrame | None = None
         #: sample_id, path, reason of the pairs data.skip_unusable=true left out (empty: none)
-        self.skipped = skipped_files_table([], [], [])
+        self.skipped = pd.DataFrame(columns=SKIPPED_COLUMNS)
         self.hard: np.ndarray | None = None
         self.split_indices: dict[str, np.ndarray] = {}
         self.datasets: dict[str, DiscSegmentationDataset] = {}
@@ -447,15 +447,10 @@ class DiscDataModule(LightningDataModule):
         log.info("Decoding, checking and caching %d image/mask pairs (first run only) under %s", len(pairs),
                  self.pair_cache.root)
         problems = self.pair_cache.warm(pairs, num_threads=max(2, self.num_workers))
-        if not problems:
-            return index
-        if not self.skip_unusable:
-            raise unusable_files_error(problems, len(pairs), "image/mask pairs",
-                                       "replace or delete these files (an image together with its mask).")
-        self.skipped = skipped_files_table(index["sample_id"].tolist(), index["image_path"].tolist(), problems)
-        log.warning("data.skip_unusable=true: training without %d unusable pair(s) of %d:\n%s", len(problems),
-                    len(pairs), "\n".join(f"  - {message}" for _, message in problems[:20]))
-        return index.drop(index.index[[position for position, _ in problems]]).reset_index(drop=True)
+        index, self.skipped = drop_unusable(index, index["image_path"].tolist(), problems, self.skip_unusable,
+                                            "image/mask pairs",
+                                            "replace or delete these files (an image together with its mask).")
+        return index
 
     # ------------------------------------------------------------------------------ inference
     def preprocess_image(self, image_rgb: np.ndarray) -> tuple[np.ndarray, SquareCrop]:

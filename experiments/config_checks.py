@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from collections.abc import Callable, Iterable, Sequence
+import tempfile
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from hydra.errors import InstantiationException
@@ -313,6 +315,20 @@ def check_disc_config(cfg: DictConfig) -> None:
     fold, folds = (OmegaConf.select(cfg, key, default=None) for key in ("data.fold", "data.num_folds"))
     if _has_kind(fold, int) and _has_kind(folds, int) and fold >= folds:
         problems.append(f"data.fold={fold}: expected one of the data.num_folds={folds} folds 0..{folds - 1}")
+    if problems:
+        raise ConfigError(problems)
+
+
+def build_each_or_raise(builds: Mapping[str, Callable[[Path], object]]) -> None:
+    """Call ``builds[stage](folder)`` for every stage (``folder``: a scratch folder of its own, removed after),
+    before anything trains; one ConfigError names every stage whose build raised, and why."""
+    problems = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for stage, build in builds.items():
+            try:
+                build(Path(scratch) / stage)
+            except Exception as error:  # whatever a constructor raises: the stage could not start
+                problems.append(instantiation_problem(f"stage {stage}", error))
     if problems:
         raise ConfigError(problems)
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import math
-import tempfile
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -48,7 +47,7 @@ from experiments.chain_summary import (
     plan_chain,
     summary_table,
 )
-from experiments.config_checks import ConfigError, check_disc_config, instantiation_problem
+from experiments.config_checks import build_each_or_raise, check_disc_config
 from experiments.runner import (
     RunContext,
     build_callbacks,
@@ -171,20 +170,13 @@ def _build_every_stage(cfg: DictConfig, ctx: RunContext, stages: list[ChainStage
     argument a class does not take or refuses fails in seconds, not after iteration 1 has trained. Comparison
     models were built by ``_check_models``; a stage that starts from an earlier stage's network is tried on a
     fresh network of its base."""
-    problems = []
-    with tempfile.TemporaryDirectory() as scratch:
-        for stage in stages:
-            if ctx.state.stage_done(stage.name) or stage.arm == COMPARE_ARM:
-                continue
-            stage_dir = Path(scratch) / stage.name
-            try:
-                _stage_module(cfg, stage, {}, trial=True)
-                _stage_callbacks(cfg, stage, {}, stage_dir)
-                build_callbacks(cfg.callbacks, stage_dir, _FINISHER_OVERRIDES if stage.arm in FINISHERS else None)
-            except Exception as error:  # whatever a constructor raises: the stage could not start
-                problems.append(instantiation_problem(f"stage {stage.name}", error))
-    if problems:
-        raise ConfigError(problems)
+    def build(stage: ChainStage, folder: Path) -> None:
+        _stage_module(cfg, stage, {}, trial=True)
+        _stage_callbacks(cfg, stage, {}, folder)
+        build_callbacks(cfg.callbacks, folder, _FINISHER_OVERRIDES if stage.arm in FINISHERS else None)
+
+    build_each_or_raise({stage.name: partial(build, stage) for stage in stages
+                         if not ctx.state.stage_done(stage.name) and stage.arm != COMPARE_ARM})
 
 
 def _trainer_overrides(cfg: DictConfig, stage: ChainStage) -> dict[str, Any]:

@@ -68,6 +68,7 @@ from compression.deploy import (
     GradingPrediction,
     Predictor,
     load_bundle,
+    rebundle_command,
     write_atomically,
 )
 from compression.export import quiet_onnx_tool_logs
@@ -171,12 +172,6 @@ def run_overrides(run_key: str) -> str:
     """A run's overrides as typed on the command line, from its run key (run_state.json's ``run_key``, Hydra's
     comma-separated override dirname; ``(defaults)`` for none)."""
     return run_key_as_overrides(run_key)
-
-
-def rebundle_command(target: str, overrides: str, run_folder: str) -> str:
-    """The command that writes the bundles of a run's finished stages again without training."""
-    arguments = " ".join(part for part in (overrides, "retest=true", f"resume={run_folder}") if part)
-    return f'{target} ARGS="{arguments}"'
 
 
 # ---------------------------------------------------------------------------------- resolving model=

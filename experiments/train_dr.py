@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import logging
-import tempfile
 from functools import partial
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from compression.export import network_input_names, quiet_onnx_tool_logs
 from datamodules.dr import DRDataModule
-from experiments.config_checks import ConfigError, check_dr_config, instantiation_problem
+from experiments.config_checks import build_each_or_raise, check_dr_config
 from experiments.runner import (
     RunContext,
     build_callbacks,
@@ -165,21 +164,14 @@ def _build_every_stage(cfg: DictConfig, ctx: RunContext, stages: list[str], dm: 
     """Build each unfinished stage's module and callbacks once, and drop them, before the first stage trains:
     an argument its class does not take (``+distill.temprature=2``) or refuses fails in seconds, not after the
     teacher has trained. The student is built without its teacher, which only a trained teacher provides."""
-    problems = []
-    with tempfile.TemporaryDirectory() as scratch:
-        for stage in stages:
-            if ctx.state.stage_done(stage):
-                continue
-            try:
-                if stage == "student_qat":
-                    instantiate(cfg.qat.callback, output_dir=scratch, input_names=["image"])
-                else:
-                    _stage_module(cfg, stage, dm, teacher_checkpoint=None)
-                build_callbacks(cfg.callbacks, Path(scratch) / stage)
-            except Exception as error:  # whatever a constructor raises: the stage could not start
-                problems.append(instantiation_problem(f"stage {stage}", error))
-    if problems:
-        raise ConfigError(problems)
+    def build(stage: str, folder: Path) -> None:
+        if stage == "student_qat":
+            instantiate(cfg.qat.callback, output_dir=str(folder), input_names=["image"])
+        else:
+            _stage_module(cfg, stage, dm, teacher_checkpoint=None)
+        build_callbacks(cfg.callbacks, folder)
+
+    build_each_or_raise({stage: partial(build, stage) for stage in stages if not ctx.state.stage_done(stage)})
 
 
 def _run_student_qat(ctx: RunContext, cfg: DictConfig, dm: DRDataModule, run) -> dict:

@@ -95,27 +95,28 @@ def test_a_trained_run_gets_an_external_child_run_beside_its_stages(project, tmp
     assert list(points["label"]) == ["student"]
 
 
+def refused(caplog, *overrides: str) -> str:
+    """make evaluate's logged error for these overrides (it must exit 2)."""
+    caplog.clear()
+    with caplog.at_level(logging.ERROR):
+        assert exit_status(evaluate_config(*overrides)) == 2
+    return caplog.text
+
+
 def test_wrong_models_and_unusable_label_files_are_clear_errors(project, grading_bundle, aptos_root, tmp_path,
                                                                 caplog):
     disc = write_disc_bundle(tmp_path / "disc" / "deploy")[0].folder
-    with caplog.at_level(logging.ERROR):
-        assert exit_status(evaluate_config(f"model={disc}", "data=aptos", f"data.root={aptos_root}")) == 2
-    assert "is a 'disc' model; make evaluate scores grading models" in caplog.text
+    data = ("data=aptos", f"data.root={aptos_root}")
+    assert "is a 'disc' model; make evaluate scores grading models" in refused(caplog, f"model={disc}", *data)
     table = pd.read_csv(aptos_root / "train.csv")
     table.loc[2, "diagnosis"] = 9
     table.to_csv(aptos_root / "train.csv", index=False)
-    caplog.clear()
-    with caplog.at_level(logging.ERROR):
-        assert exit_status(evaluate_config(f"model={grading_bundle}", "data=aptos", f"data.root={aptos_root}")) == 2
-    assert "label 9 is outside the grades 0-4" in caplog.text
+    assert "label 9 is outside the grades 0-4" in refused(caplog, f"model={grading_bundle}", *data)
     for path in (aptos_root / "train_images").iterdir():
         path.unlink()
     table.loc[2, "diagnosis"] = 1
     table.to_csv(aptos_root / "train.csv", index=False)
-    caplog.clear()
-    with caplog.at_level(logging.ERROR):
-        assert exit_status(evaluate_config(f"model={grading_bundle}", "data=aptos", f"data.root={aptos_root}")) == 2
-    assert "none of the 40 images listed in" in caplog.text
+    assert "none of the 40 images listed in" in refused(caplog, f"model={grading_bundle}", *data)
     assert not (project / "mlruns").exists()  # nothing was scored, so nothing was logged
 
 
