@@ -5,8 +5,9 @@ from __future__ import annotations
 import copy
 import logging
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 from lightning import Callback, LightningModule, Trainer
 from torch import Tensor, nn
@@ -20,6 +21,19 @@ from compression.packed_format import describe_network
 from compression.quantization import DEFAULT_CALIBRATION_IMAGES, is_qat_prepared, strip_qat
 
 log = logging.getLogger(__name__)
+
+
+def grading_head_manifest(net: nn.Module, hparams: Mapping[str, Any]) -> dict[str, Any]:
+    """bundle.json's record of a grading head: its kind and, for a regression or ordinal head, the decision
+    thresholds and probability scale fitted on the validation split. The ONNX graphs carry them as constants;
+    this copy lets a reader see which cut points the deployed model uses."""
+    head = hparams.get("head", "classification") if hparams else "classification"
+    record: dict[str, Any] = {"grading_head": {"kind": head}}
+    decoder = getattr(net, "decoder", None)
+    if decoder is not None and hasattr(decoder, "thresholds"):
+        record["grading_head"] |= {"thresholds": [round(float(t), 6) for t in decoder.thresholds],
+                                   "scale": round(float(decoder.scale), 6)}
+    return record
 
 
 class DeploymentBundle(Callback):
@@ -96,6 +110,7 @@ class DeploymentBundle(Callback):
             extra["threshold"] = float(getattr(pl_module, "threshold", DEFAULT_THRESHOLD))
         elif hasattr(pl_module, "num_classes"):
             extra["class_names"] = [str(grade) for grade in range(int(pl_module.num_classes))]
+            extra |= grading_head_manifest(pl_module.net, getattr(pl_module, "hparams", {}))
         if run_id is not None:
             extra["mlflow_run_id"] = run_id
         qat_int8 = next((c.int8_path for c in trainer.callbacks

@@ -102,7 +102,7 @@ class GradingExplanations(Callback):
             probabilities = net(*(t.to(device) for t in inputs)).softmax(dim=1)[0].cpu()
         net.train(was_training)
         predicted = int(probabilities.argmax())
-        attention = cbam_spatial_attention(net, inputs[0])[0] if hasattr(net, "cbam") else None
+        attention = cbam_spatial_attention(net, inputs[0])[0] if hasattr(getattr(net, "cbam", None), "spatial") else None
         persistence = None
         image = dataset.cache.load(source)
         if imager is not None and getattr(imager, "fitted", False):

@@ -55,13 +55,25 @@ FORMATS = ("synthetic", "aptos", "eyepacs")
 SYNTHETIC_BANNER = synthetic_data_banner("data=aptos|eyepacs data.root=<folder>")
 
 
-def training_transform(image_size: int) -> A.Compose:
-    """Flips, rotation +-20 deg, colour jitter 0.3, ImageNet normalisation."""
+def camera_transforms() -> list[A.BasicTransform]:
+    """What differs between cameras and uploads besides colour: focus and resolution (blur or a down- and
+    up-scaled image), exposure curve (gamma) and compression (JPEG quality 40-95). Each on 30% of images."""
+    return [
+        A.OneOf([A.GaussianBlur(sigma_limit=(0.3, 1.5)), A.Downscale(scale_range=(0.5, 0.9))], p=0.3),
+        A.RandomGamma(gamma_limit=(70, 140), p=0.3),
+        A.ImageCompression(quality_range=(40, 95), p=0.3),
+    ]
+
+
+def training_transform(image_size: int, camera_augment: bool = False) -> A.Compose:
+    """Flips, rotation +-20 deg, colour jitter 0.3, with ``camera_augment`` :func:`camera_transforms`, ImageNet
+    normalisation."""
     return A.Compose([
         A.HorizontalFlip(p=0.5),
         A.VerticalFlip(p=0.5),
         A.Rotate(limit=20, border_mode=cv2.BORDER_CONSTANT, fill=0, p=0.7),
         A.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.0, p=0.8),
+        *(camera_transforms() if camera_augment else []),
         A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD),
         ToTensorV2(),
     ])
@@ -169,6 +181,7 @@ class DRDataModule(LightningDataModule):
         weighted_sampling: bool = True,
         class_weight_beta: float = 0.999,
         augment: bool = True,
+        camera_augment: bool = False,
         use_topology: bool = True,
         topo_resolution: int = 64,
         topo_min_persistence: float = 0.02,
@@ -198,6 +211,7 @@ class DRDataModule(LightningDataModule):
         self.weighted_sampling = weighted_sampling
         self.class_weight_beta = class_weight_beta
         self.augment = augment
+        self.camera_augment = camera_augment
         self.use_topology = use_topology
         self.cache_dir = Path(cache_dir)
         self.synthetic = dict(num_images=synthetic_num_images, raw_size=synthetic_raw_size,
@@ -313,7 +327,7 @@ class DRDataModule(LightningDataModule):
         self.index, self.split_indices = index, splits
         topo = self._topological_features(paths, splits["train"])
         eval_tf = evaluation_transform()
-        train_tf = training_transform(self.preprocessing.image_size) if self.augment else eval_tf
+        train_tf = training_transform(self.preprocessing.image_size, self.camera_augment) if self.augment else eval_tf
         for name in SPLITS:
             idx = splits[name]
             self.datasets[name] = FundusGradingDataset(

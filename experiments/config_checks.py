@@ -27,6 +27,8 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_class
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from lightning_modules.nets.grading_head import HEADS
+
 #: what OmegaConf.select returns for a key the config does not have
 _ABSENT = object()
 
@@ -161,6 +163,7 @@ DR_SETTINGS = (
     _int("data.image_size", MIN_IMAGE_SIZE),
     _fraction("data.val_fraction"),
     _bool("data.ben_graham"),
+    _bool("data.camera_augment"),
     _bool("data.weighted_sampling"),
     _bool("data.use_topology"),
     _float("data.class_weight_beta", 0, 1, open_high=True),
@@ -174,6 +177,8 @@ DR_SETTINGS = (
     _float("distill.consistency_weight", 0),
     _float("distill.label_smoothing", 0, 1, open_high=True),
     Setting("distill.teacher_checkpoint", str, optional=True),
+    Setting("model.student.head", str, choices=HEADS),
+    _bool("model.student.use_cbam"),
     _int("qat.max_epochs", 1),
     _float("qat.lr", 0, open_low=True),
     _fraction("qat.pct_start"),

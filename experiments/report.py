@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_RUN_NAME
 from omegaconf import DictConfig, OmegaConf
 
+from experiments.report_ablation import AblationStudy, ablation_study, latest_ablation_sweep
 from experiments.report_data import (
     BootstrapSettings,
     NoRunsError,
@@ -79,6 +81,18 @@ def log_report(client: MlflowClient, data: ReportData, files: Sequence[Path], ex
     return run_id
 
 
+def read_ablation(client: MlflowClient, experiment_name: str, bootstrap: BootstrapSettings,
+                  ui_url: str) -> AblationStudy | None:
+    """The latest experiment=dr_ablation sweep's table, None when the store has no ablation run."""
+    if client.get_experiment_by_name(experiment_name) is None:
+        return None
+    runs = latest_ablation_sweep(client, experiment_name)
+    if not runs:
+        return None
+    with tempfile.TemporaryDirectory(prefix="report-ablation-") as workdir:
+        return ablation_study(client, runs, bootstrap, Path(workdir), ui_url)
+
+
 def run_report(cfg: DictConfig, output_dir: Path | None = None) -> dict[str, Path]:
     """Read the store, write the report files, log them; returns the written files (``html``, ``markdown``,
     figures). ``output_dir``: where to write when ``report.output_dir`` is null (default: the Hydra run dir).
@@ -101,6 +115,9 @@ def run_report(cfg: DictConfig, output_dir: Path | None = None) -> dict[str, Pat
                           experiments=OmegaConf.to_container(settings.experiments, resolve=True),
                           bench=settings.bench, student_without_teacher=settings.student_without_teacher,
                           bootstrap=bootstrap, baselines=baseline_setting(settings.get("baselines", "latest")))
+    if settings.get("ablation", "latest") is not None:
+        data.ablation = read_ablation(client, str(settings.experiments.get("ablation", "dr-ablation")), bootstrap,
+                                      str(settings.ui_url))
     if settings.output_dir:
         output_dir = Path(str(settings.output_dir))
     elif output_dir is None:

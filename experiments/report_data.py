@@ -21,6 +21,7 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -46,7 +47,7 @@ BENCH_CSV, BENCH_PARETO = "bench/bench.csv", "bench/pareto.png"
 BASELINES = "baselines"
 #: the experiment names of the entry points (their ``task_name``); ``baselines``: experiment=dr_baselines
 DEFAULT_EXPERIMENTS = {DR: "dr-distill", GLAUCOMA: "glaucoma-iterations", "bench": "bench",
-                       BASELINES: "dr-baselines"}
+                       BASELINES: "dr-baselines", "ablation": "dr-ablation"}
 #: the make target of each pipeline, for the messages that say what to run
 MAKE_TARGETS = {DR: "make dr-distill", GLAUCOMA: "make glaucoma-iterations"}
 #: the default experiment of dr-distill, whose no-teacher twin is experiment=dr_student_only
@@ -164,6 +165,8 @@ class ReportData:
     ui_url: str
     bootstrap: BootstrapSettings
     baselines: BaselineSweep | None = None
+    #: experiment=dr_ablation's table (experiments.report_ablation.AblationStudy), set by the report's entry point
+    ablation: Any = None
 
 
 # ----------------------------------------------------------------------------------------------- the store

@@ -20,6 +20,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from compression.benchmark import pareto_front
+from experiments.report_ablation import AblationStudy
 from experiments.report_data import (
     DR,
     GLAUCOMA,
@@ -52,6 +53,13 @@ BASELINE_COLUMNS = {"backbone": "backbone", "pretrained": "pretrained", "qwk": "
                     "f1_macro": "test macro F1", "ece": "test ECE", "params": "params", "macs": "MMACs",
                     "size_bytes": "size MB", "latency_ms": "latency ms", "pipeline_latency_ms": "pipeline ms",
                     "run_id": "run id"}
+ABLATION_COLUMNS = {"arm": "arm", "run": "student run", "qwk": "test QWK", "acc": "test acc", "f1_macro": "macro F1",
+                    "d_qwk": "QWK - full", "ci_low": "CI low", "ci_high": "CI high", "d_acc": "acc - full",
+                    "d_f1_macro": "F1 - full"}
+ABLATION_TEXT = ("experiment=dr_ablation: the distilled student (`full`) and the same student without one part each, "
+                 "trained on the same data, split and seeds. `QWK - full` is the arm's test QWK minus the full "
+                 "student's on the same test images, with a paired-bootstrap interval (as the distillation gain): an "
+                 "interval below 0 means the part that arm removes helps.")
 BENCH_COLUMNS = {"pipeline": "pipeline", "model": "model", "backend": "backend", "precision": "precision",
                  "params": "params", "file_bytes": "file MB", "latency_ms_median": "median ms",
                  "latency_vs_fp32": "vs fp32", "latency_vs_reference": "vs reference",
@@ -321,6 +329,17 @@ def _gain_section(gain: DistillationGain, data: ReportData) -> Section:
     return section
 
 
+def _ablation_section(study: AblationStudy, data: ReportData) -> Section:
+    settings = data.bootstrap
+    paragraphs: list[str | list[Part]] = [ABLATION_TEXT]
+    section = Section("Ablation: which part of the student helps", paragraphs, bullets=list(study.problems))
+    if study.table is not None and not study.table.empty:
+        paragraphs.append(f"{study.images} test images; {settings.confidence_level:.0%} intervals from "
+                          f"{settings.n_resamples} paired resamples ({settings.method}, seed {settings.seed}).")
+        section.table = display_table(study.table, ABLATION_COLUMNS)
+    return section
+
+
 def _columns(data: ReportData, kind: str, columns: Mapping[str, str]) -> Mapping[str, str]:
     """The table's columns; the parent run's only when several runs of the pipeline are compared (the
     selected-runs table names a lone one)."""
@@ -425,6 +444,8 @@ def build_sections(data: ReportData, pareto_file: str | None, bench_pareto_file:
     if data.gains:
         sections.append(Section("Distillation gain", [GAIN_TEXT]))
         sections += [_gain_section(gain, data) for gain in data.gains]
+    if data.ablation is not None:
+        sections.append(_ablation_section(data.ablation, data))
     if data.bench is not None:
         bench = data.bench
         paragraphs: list[str | list[Part]] = [[

@@ -15,11 +15,19 @@ import torch.nn.functional as F
 from lightning import LightningModule
 from torch import Tensor, nn
 
-from lightning_modules.losses import consistency_loss, distillation_loss, linear_alpha
+from lightning_modules.losses import (
+    consistency_loss,
+    head_consistency_loss,
+    head_distillation_loss,
+    head_supervised_loss,
+    linear_alpha,
+)
 from lightning_modules.metrics import confusion_matrix_metric, flatten_metrics, grading_metrics
 from lightning_modules.nets.backbones import create_backbone
+from lightning_modules.nets.grading_head import CLASSIFICATION, continuous_grade
 from lightning_modules.nets.student import TopoFusionNet, build_student_net
 from lightning_modules.optim import adamw_one_cycle
+from lightning_modules.ordinal import fit_decoder_scale, fit_qwk_thresholds
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +200,11 @@ class StudentDistiller(GradingModule):
 
     ``teacher_checkpoint=None`` (or ``alpha_start = alpha_end = 0``) trains the same student without a
     teacher: the ablation that measures the distillation gain.
+
+    ``head``: ``classification``, ``regression`` or ``ordinal`` (``lightning_modules.nets.grading_head``). For
+    the last two, every validation epoch fits the four decision thresholds (QWK-maximising) and the
+    probability scale on the validation split and stores them in the network's decoder, so the checkpoint of
+    the best epoch carries the thresholds of that epoch and ``val/qwk`` is measured with them.
     """
 
     def __init__(
@@ -217,13 +230,18 @@ class StudentDistiller(GradingModule):
         weight_decay: float = 0.01,
         pct_start: float = 0.3,
         channels_last: bool = True,
+        head: str = CLASSIFICATION,
+        use_cbam: bool = True,
     ):
         super().__init__(num_classes, lr, weight_decay, pct_start, class_weights, channels_last)
         self.save_hyperparameters()
         self.net: TopoFusionNet = build_student_net(
             backbone, pretrained, pretrained_path, num_classes, topo_features, topo_hidden, topo_embedding,
-            cbam_rd_ratio, head_dropout, drop_rate,
+            cbam_rd_ratio, head_dropout, drop_rate, head, use_cbam,
         )
+        self.head = head
+        self._val_scores: list[Tensor] = []
+        self._val_labels: list[Tensor] = []
         log.info("Student %s: %s", backbone, getattr(self.net.backbone, "pretrained_report", pretrained))
         self.temperature = temperature
         self.alpha_start, self.alpha_end = alpha_start, alpha_end
@@ -277,27 +295,71 @@ class StudentDistiller(GradingModule):
             return 0.0
         return linear_alpha(self.current_epoch, self.trainer.max_epochs, self.alpha_start, self.alpha_end)
 
+    def _fits_thresholds(self) -> bool:
+        """A regression/ordinal head whose decoder this module can still set (not a QAT-prepared graph)."""
+        return getattr(self.net, "decoder", None) is not None and hasattr(self.net, "raw_outputs")
+
+    def _raw_outputs(self, image: Tensor, topo: Tensor | None) -> tuple[Tensor, str]:
+        """The head's raw outputs and the head they belong to. A QAT-prepared network (``student_qat``) only has
+        its traced ``forward``, the decoded class logits: it fine-tunes on their cross-entropy, which for the
+        threshold heads is the likelihood of the fitted adjacent-category model."""
+        if hasattr(self.net, "raw_outputs"):
+            return self.net.raw_outputs(image, topo), self.head
+        return self.net(image, topo), CLASSIFICATION
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         image, topo, target = batch["image"], batch["topo"], batch["label"]
         # Both views in one forward pass: one backbone call instead of two on a 2-core CPU.
         # Persistent homology is invariant to 90-degree rotation, so the rotated view keeps its features.
-        both = self.net(with_rotated_view(image, self.channels_last),
-                        torch.cat([topo, topo]) if self.net.uses_topology else None)
-        logits, logits_rotated = both.chunk(2)
+        both, head = self._raw_outputs(with_rotated_view(image, self.channels_last),
+                                       torch.cat([topo, topo]) if self.net.uses_topology else None)
+        raw, raw_rotated = both.chunk(2)
         alpha = self.alpha
         if self.teacher is not None:
             with torch.no_grad():
                 teacher_logits = self.teacher(image)
-            loss, kd, ce = distillation_loss(logits, teacher_logits, target, temperature=self.temperature,
-                                             alpha=alpha, class_weights=self.class_weights,
-                                             label_smoothing=self.label_smoothing)
+            loss, kd, supervised = head_distillation_loss(
+                raw, teacher_logits, target, head, self.num_classes, temperature=self.temperature, alpha=alpha,
+                class_weights=self.class_weights, label_smoothing=self.label_smoothing)
             self.log("train/kd", kd, batch_size=len(target))
         else:
-            ce = F.cross_entropy(logits, target, weight=self.class_weights, label_smoothing=self.label_smoothing)
-            loss = ce
-        consistency = consistency_loss(logits, logits_rotated)
+            supervised = head_supervised_loss(raw, target, head, self.num_classes, self.class_weights,
+                                              self.label_smoothing)
+            loss = supervised
+        consistency = head_consistency_loss(raw, raw_rotated, head)
         loss = loss + self.consistency_weight * consistency
-        self.log_dict({"train/ce": ce, "train/consistency": consistency, "train/alpha": alpha},
+        # train/ce keeps its name for every head (the supervised term): runs of different heads share one chart
+        self.log_dict({"train/ce": supervised, "train/consistency": consistency, "train/alpha": alpha},
                       batch_size=len(target))
         self.log("train/loss", loss, prog_bar=True, batch_size=len(target))
         return loss
+
+    # ------------------------------------------------------------- thresholds of regression / ordinal heads
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        if not self._fits_thresholds():
+            return super().validation_step(batch, batch_idx)
+        raw = self.net.raw_outputs(batch["image"], batch["topo"])
+        self._val_scores.append(continuous_grade(raw, self.head).detach().float())
+        self._val_labels.append(batch["label"].detach())
+        self.log("val/loss", head_supervised_loss(raw, batch["label"], self.head, self.num_classes),
+                 batch_size=len(raw))
+
+    def on_validation_epoch_end(self) -> None:
+        if self._fits_thresholds() and self._val_scores:
+            scores, labels = self._gathered_validation()
+            if not self.trainer.sanity_checking:  # two sanity batches are no basis for thresholds
+                thresholds = fit_qwk_thresholds(scores.cpu().numpy(), labels.cpu().numpy(), self.num_classes)
+                scale = fit_decoder_scale(scores.cpu().numpy(), labels.cpu().numpy(), thresholds)
+                self.net.decoder.set_fit(thresholds, scale)
+                self.log_dict({f"val/threshold_{k + 1}": float(t) for k, t in enumerate(thresholds)})
+                self.log("val/decoder_scale", scale)
+            self.val_metrics.update(self.net.decoder(scores).softmax(dim=1), labels)
+        super().on_validation_epoch_end()
+
+    def _gathered_validation(self) -> tuple[Tensor, Tensor]:
+        """This epoch's validation scores and labels from every process (the thresholds must agree on all)."""
+        scores, labels = torch.cat(self._val_scores), torch.cat(self._val_labels)
+        self._val_scores, self._val_labels = [], []
+        if self.trainer.world_size > 1:
+            scores, labels = self.all_gather(scores).reshape(-1), self.all_gather(labels).reshape(-1)
+        return scores, labels

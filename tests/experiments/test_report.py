@@ -326,6 +326,14 @@ class _Store:
         self.run(experiment, "baseline", parent, tags, params, child_metrics, status=status)
         return parent
 
+    def ablation_run(self, experiment: str, arm: str, fingerprint: str, shared: str, predictions: pd.DataFrame):
+        """A job of experiment=dr_ablation: a parent with the ``ablation`` param and its ``student`` child."""
+        tags = {"overrides": f"ablation={arm} {shared}", "data_fingerprint": fingerprint}
+        parent = self.run(experiment, f"dr-ablation[ablation={arm}]", tags=tags, params={"ablation": arm})
+        self.run(experiment, "student", parent, tags, {"ablation": arm}, {"test/qwk": 0.4},
+                 {"predictions/test_predictions.csv": predictions})
+        return parent
+
     def dr_run(self, experiment: str, name: str, fingerprint: str, distilled: bool,
                predictions: pd.DataFrame | None, test_ids: list[str]):
         tags = {"data_fingerprint": fingerprint,
@@ -391,6 +399,15 @@ def hand_made_store(tmp_path_factory) -> dict[str, object]:
                                         pretrained_path="/weights/resnet50_a1.pth")
     runs["running"] = store.baseline_run(baselines, "convnext_k7", "fp2", SWEEP, {"qwk": 0.9},
                                          status="RUNNING")
+    # experiment=dr_ablation: an older sweep on other data (all arms right), then the newest sweep, where removing
+    # KD or the topological branch costs a grade on every image and removing CBAM changes nothing
+    ablation = store.experiment("dr-ablation-hand")
+    for arm in ("full", "no_kd"):
+        store.ablation_run(ablation, arm, "fp0", "experiment=dr_ablation", _predictions(GRADES, GRADES))
+    runs["ablation"] = {
+        arm: store.ablation_run(ablation, arm, "fp1", "experiment=dr_ablation data=aptos",
+                                _predictions(GRADES, GRADES if arm in ("full", "no_cbam") else OFF_BY_ONE))
+        for arm in ("no_topology", "full", "no_kd", "no_cbam")}
     return runs
 
 
@@ -421,6 +438,24 @@ def test_gain_through_the_store_on_hand_made_predictions(hand_made_store, monkey
     bench = _section(markdown, "CPU inference backends (make bench)")
     assert hand_made_store["bench"].info.run_id in bench and "| int8 (ONNX Runtime) " in bench
     assert "Measured: dr: trained: somewhere." in bench
+
+
+def test_ablation_table_compares_every_arm_with_the_full_student(hand_made_store, monkeypatch):
+    project = hand_made_store["project"]
+    _, _, markdown = _report(project, monkeypatch, [*HAND, "report.experiments.dr=dr-paired",
+                                                    "report.experiments.ablation=dr-ablation-hand"], "ablation")
+    ablation = _section(markdown, "Ablation: which part of the student helps")
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[3:-1]]
+            for line in ablation.splitlines() if line.startswith("| ") and "arm" not in line and "---" not in line}
+    # the newest sweep only (fp1), in the order full, no_kd, no_cbam, no_topology
+    assert list(rows) == ["full", "no_kd", "no_cbam", "no_topology"]
+    for arm in ("full", "no_cbam"):
+        assert rows[arm][:3] == ["1", "1", "1"]
+    assert rows["no_cbam"][3:6] == ["0", "0", "0"]  # QWK - full and its interval: no difference
+    qwk, _, _, d_qwk, low, high, d_acc, _ = (float(v) for v in rows["no_kd"])
+    assert qwk == pytest.approx(12 / 17, abs=1e-4) and d_qwk == pytest.approx(-5 / 17, abs=1e-4)
+    assert low <= d_qwk <= high < 0 and d_acc == -1
+    assert "40 test images" in ablation
 
 
 def test_missing_counterpart_gives_the_run_to_make(hand_made_store, monkeypatch):
