@@ -57,10 +57,12 @@ SYNTHETIC_BANNER = synthetic_data_banner("data=aptos|eyepacs data.root=<folder>"
 
 def camera_transforms() -> list[A.BasicTransform]:
     """What differs between cameras and uploads besides colour: focus and resolution (blur or a down- and
-    up-scaled image), exposure curve (gamma) and compression (JPEG quality 40-95). Each on 30% of images."""
+    up-scaled image), exposure curve (gamma), local contrast enhancement (CLAHE, as some archives apply before
+    sharing: eyepacs-dev's uploader did) and compression (JPEG quality 40-95). Each on 30% of images."""
     return [
         A.OneOf([A.GaussianBlur(sigma_limit=(0.3, 1.5)), A.Downscale(scale_range=(0.5, 0.9))], p=0.3),
         A.RandomGamma(gamma_limit=(70, 140), p=0.3),
+        A.CLAHE(clip_limit=(1.0, 4.0), tile_grid_size=(8, 8), p=0.3),
         A.ImageCompression(quality_range=(40, 95), p=0.3),
     ]
 
@@ -134,7 +136,8 @@ def grading_network_inputs(
 
 
 class FundusGradingDataset(Dataset):
-    """Preprocessed (cached) images + precomputed topological features + grades."""
+    """Preprocessed (cached) images + precomputed topological features + grades (+ the teacher's cached soft
+    targets, ``teacher_logits``, once ``callbacks.offline_distillation`` has set ``soft_targets``)."""
 
     def __init__(self, paths: list[str], labels: np.ndarray, topo_features: np.ndarray,
                  cache: PreprocessedImageCache, transform: A.Compose):
@@ -143,6 +146,14 @@ class FundusGradingDataset(Dataset):
         self.topo_features = topo_features
         self.cache = cache
         self.transform = transform
+        #: (N, K) teacher logits in this dataset's order, or None (online distillation)
+        self.soft_targets: np.ndarray | None = None
+
+    def evaluation_view(self, indices: list[int] | None = None) -> FundusGradingDataset:
+        """These images (all, or ``indices``) without augmentation: what a teacher's soft targets are made from."""
+        chosen = list(range(len(self))) if indices is None else list(indices)
+        return FundusGradingDataset([self.paths[i] for i in chosen], self.labels[chosen], self.topo_features[chosen],
+                                    self.cache, evaluation_transform())
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -156,7 +167,7 @@ class FundusGradingDataset(Dataset):
             "topo": torch.from_numpy(self.topo_features[index]),
             "label": torch.tensor(self.labels[index]),
             "index": torch.tensor(index),
-        }
+        } | ({} if self.soft_targets is None else {"teacher_logits": torch.from_numpy(self.soft_targets[index])})
 
 
 class DRDataModule(LightningDataModule):
@@ -401,10 +412,7 @@ class DRDataModule(LightningDataModule):
     def calibration_dataloader(self) -> DataLoader:
         """Training images without augmentation, in a seeded random order: what int8 activation ranges are
         calibrated on (the inference distribution, not the augmented one)."""
-        train = self.datasets["train"]
-        dataset = FundusGradingDataset(train.paths, train.labels, train.topo_features, self.image_cache,
-                                       evaluation_transform())
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=True,
+        return DataLoader(self.datasets["train"].evaluation_view(), batch_size=self.batch_size, shuffle=True,
                           generator=torch.Generator().manual_seed(self.seed), num_workers=0)
 
     def val_dataloader(self) -> DataLoader:

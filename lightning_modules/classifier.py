@@ -316,8 +316,11 @@ class StudentDistiller(GradingModule):
         raw, raw_rotated = both.chunk(2)
         alpha = self.alpha
         if self.teacher is not None:
-            with torch.no_grad():
-                teacher_logits = self.teacher(image)
+            if "teacher_logits" in batch:  # offline distillation (callbacks.offline_distillation): cached targets
+                teacher_logits = batch["teacher_logits"]
+            else:
+                with torch.no_grad():
+                    teacher_logits = self.teacher(image)
             loss, kd, supervised = head_distillation_loss(
                 raw, teacher_logits, target, head, self.num_classes, temperature=self.temperature, alpha=alpha,
                 class_weights=self.class_weights, label_smoothing=self.label_smoothing)

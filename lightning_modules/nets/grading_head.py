@@ -49,12 +49,17 @@ class CoralLayer(nn.Module):
 
     def __init__(self, in_features: int, num_classes: int):
         super().__init__()
-        self.linear = nn.Linear(in_features, 1, bias=False)
+        self.score = nn.Linear(in_features, 1, bias=False)
+        # the K-1 biases as a Linear(1, K-1) whose weight is frozen at 1: every parameter then sits in a layer type
+        # the int8 and QAT paths (compression.quantization) know, and a weight of 1 is exact in int8
+        self.offsets = nn.Linear(1, num_classes - 1)
+        self.offsets.weight.data.fill_(1.0)
+        self.offsets.weight.requires_grad_(False)
         # ordered initial biases: a fresh head predicts the middle grades, not all-or-nothing
-        self.bias = nn.Parameter(torch.linspace(1.0, -1.0, num_classes - 1))
+        self.offsets.bias.data.copy_(torch.linspace(1.0, -1.0, num_classes - 1))
 
     def forward(self, features: Tensor) -> Tensor:
-        return self.linear(features) + self.bias
+        return self.offsets(self.score(features))
 
 
 def output_layer(in_features: int, num_classes: int, head: str) -> nn.Module:

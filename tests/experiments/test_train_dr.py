@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from callbacks.classification_diagnostics import PREDICTIONS_FILE
 from experiments.train_dr import main as dr_main
@@ -115,6 +116,23 @@ def test_student_only_ablation_trains_without_a_teacher(project: Path):
     assert runs["student"][0].data.params["teacher_checkpoint"] == "None"
 
 
+def test_the_student_distils_from_cached_soft_targets_computed_once_per_teacher(project: Path):
+    first = project / "first"
+    run_dr_distill(compose_config("train_dr", TINY, first))
+    state = json.loads((first / "run_state.json").read_text())
+    report = state["stages"]["student"]["report"]
+    splits = (first / "splits.csv").read_text().splitlines()
+    train_images = sum(1 for line in splits if ",train," in line)
+    assert report["distill/soft_targets_computed"] == train_images > 0
+    # a second student with the same teacher (a sweep, an ablation arm) runs no teacher forward
+    second = project / "second"
+    run_dr_distill(compose_config("train_dr", [*TINY, "stages=[student]", f"distill.teacher_checkpoint={first}"],
+                                  second))
+    state = json.loads((second / "run_state.json").read_text())
+    assert state["stages"]["student"]["report"]["distill/soft_targets_computed"] == 0
+    assert state["stages"]["student"]["status"] == "done"
+
+
 def test_student_stage_alone_with_distillation_needs_a_teacher(project: Path):
     cfg = compose_config("train_dr", [*FAST, "stages=[student]"], project / "out")
     with pytest.raises(ValueError, match="distill.teacher_checkpoint"):
@@ -132,6 +150,26 @@ def test_student_qat_stage_writes_an_int8_student_and_reports_it(project: Path):
     int8 = run_dir / "student_qat" / "student_int8.onnx"
     assert report["model/size_bytes"] == int8.stat().st_size < report["model/fp32_size_bytes"]
     assert {"quant/agreement", "quant/qwk_delta", "model/fp32_latency_ms_median"} <= set(report)
+    assert "test/qwk" in state["stages"]["student_qat"]["test"]
+
+
+@pytest.mark.parametrize("head", ["regression", "ordinal"])
+def test_a_threshold_head_student_carries_its_validation_thresholds_into_checkpoint_bundle_and_qat(project: Path,
+                                                                                                  head: str):
+    run_dir = project / head
+    overrides = [*TINY, f"model.student.head={head}", "stages=[teacher,student,student_qat]", "qat.max_epochs=1",
+                 "qat.callback.min_agreement=0", "qat.callback.max_qwk_drop=2"]
+    run_dr_distill(compose_config("train_dr", overrides, run_dir))
+    state = json.loads((run_dir / "run_state.json").read_text())
+    assert [s["status"] for s in state["stages"].values()] == ["done"] * 3
+    checkpoint = torch.load(state["stages"]["student"]["checkpoint"], map_location="cpu", weights_only=True)
+    thresholds = checkpoint["state_dict"]["net.decoder.thresholds"]
+    assert thresholds.shape == (4,) and bool((thresholds.diff() > 0).all())
+    student = _runs(mlflow_store(project))["student"][0]
+    assert {f"val/threshold_{k}" for k in range(1, 5)} <= set(student.data.metrics)
+    manifest = json.loads((run_dir / "student" / "deploy" / "bundle.json").read_text())
+    assert manifest["grading_head"]["kind"] == head
+    assert manifest["grading_head"]["thresholds"] == pytest.approx(thresholds.tolist(), abs=1e-5)
     assert "test/qwk" in state["stages"]["student_qat"]["test"]
 
 
