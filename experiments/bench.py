@@ -60,6 +60,7 @@ from datamodules.optic_disc import DiscDataModule
 from datamodules.topology import image_diagrams
 from experiments.chain_summary import ARMS, BASE_ARM, plan_chain
 from experiments.runner import RunContext, create_context, finishing, save_resolved_config
+from experiments.stages import NOT_STUDENT_ARGUMENTS
 from experiments.tracking import standard_tags
 from lightning_modules.classifier import StudentDistiller, TeacherClassifier
 from lightning_modules.nets.vgg_unet import INPUT_MULTIPLE, load_network
@@ -284,7 +285,7 @@ def _dr_pipeline(cfg: DictConfig, mode: str, run_dir: Path | None) -> Pipeline:
     else:
         datamodule = _ready_datamodule(cfg.data)
         distill = {k: v for k, v in OmegaConf.to_container(cfg.distill, resolve=True).items()
-                   if k != "teacher_checkpoint"}
+                   if k not in NOT_STUDENT_ARGUMENTS}
         modules = {
             "teacher": instantiate(cfg.model.teacher, pretrained="none", pretrained_path=None),
             "student": instantiate(cfg.model.student, pretrained="none", pretrained_path=None,

@@ -27,6 +27,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_class
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from experiments.stages import NOT_STUDENT_ARGUMENTS
 from lightning_modules.nets.grading_head import HEADS
 
 #: what OmegaConf.select returns for a key the config does not have
@@ -177,6 +178,7 @@ DR_SETTINGS = (
     _float("distill.consistency_weight", 0),
     _float("distill.label_smoothing", 0, 1, open_high=True),
     Setting("distill.teacher_checkpoint", str, optional=True),
+    _int("distill.teacher_epochs", 1, optional=True),
     Setting("model.student.head", str, choices=HEADS),
     _bool("model.student.use_cbam"),
     _int("qat.max_epochs", 1),
@@ -286,7 +288,7 @@ def check_dr_config(cfg: DictConfig) -> None:
         # distill.* is passed to the student's constructor: a key it does not take would fail after the teacher
         arguments = constructor_arguments(student._target_)
         if arguments is not None:
-            problems += unknown_keys(cfg.get("distill"), "distill", arguments | {"teacher_checkpoint"})
+            problems += unknown_keys(cfg.get("distill"), "distill", arguments | set(NOT_STUDENT_ARGUMENTS))
     problems += _list_problems(cfg, "stages", item=lambda stage: isinstance(stage, str),
                                expected="stage names, e.g. stages=[teacher,student]")
     problems += _alpha_order(cfg)

@@ -32,3 +32,6 @@ def split_run_key(run_key: str) -> dict[str, str]:
 def run_key_as_overrides(run_key: str) -> str:
     """A run key as the overrides one types on the command line."""
     return " ".join(f"{key}={value}" if value else key for key, value in split_run_key(run_key).items())
+
+#: distill.* keys that configure the run (which teacher, how long it trains), not the student's constructor
+NOT_STUDENT_ARGUMENTS = ("teacher_checkpoint", "teacher_epochs")

@@ -34,7 +34,7 @@ from experiments.runner import (
     run_finisher,
     start_invocation,
 )
-from experiments.stages import DR_FINISHERS, DR_STAGES
+from experiments.stages import DR_FINISHERS, DR_STAGES, NOT_STUDENT_ARGUMENTS
 from experiments.tracking import RunState
 from lightning_modules.classifier import StudentDistiller, TeacherClassifier
 
@@ -50,7 +50,8 @@ def _stage_module(cfg: DictConfig, stage: str, dm: DRDataModule, teacher_checkpo
         return instantiate(cfg.model.baseline, class_weights=dm.class_weights)
     if stage == "student":
         distill = OmegaConf.to_container(cfg.distill, resolve=True)
-        distill.pop("teacher_checkpoint", None)
+        for key in NOT_STUDENT_ARGUMENTS:
+            distill.pop(key, None)
         return instantiate(cfg.model.student, class_weights=dm.class_weights, topo_features=dm.topology_dim,
                            teacher_checkpoint=teacher_checkpoint, **distill)
     raise ValueError(f"unknown stage {stage!r}: stages are {', '.join(map(repr, DR_STAGES))}")
@@ -149,7 +150,8 @@ def run_dr_distill(cfg: DictConfig) -> float | None:
                 result = run_finisher(ctx, stage, partial(_run_student_qat, ctx, cfg, dm, run))
             else:
                 module = _stage_module(cfg, stage, dm, teacher_checkpoint)
-                result = fit_and_test_stage(ctx, stage, module, dm, run.files, run.tags)
+                result = fit_and_test_stage(ctx, stage, module, dm, run.files, run.tags,
+                                            trainer_overrides=_stage_trainer_overrides(cfg, stage))
             if stage == "teacher":
                 teacher_checkpoint = result["checkpoint"]
         if ctx.primary:  # DDP followers trained the same stages; the primary alone records and reports them
@@ -158,6 +160,13 @@ def run_dr_distill(cfg: DictConfig) -> float | None:
             _print_summary(summary)
         raise_for_failed_finishers(ctx, stages)
     return None if result is None else result.get("best_val")
+
+
+def _stage_trainer_overrides(cfg: DictConfig, stage: str) -> dict[str, int] | None:
+    """The teacher's own epoch count (``distill.teacher_epochs``): a teacher must know more than its student,
+    and on 2 cores its epochs cost half a student's."""
+    epochs = cfg.distill.get("teacher_epochs")
+    return {"max_epochs": int(epochs)} if stage == "teacher" and epochs is not None else None
 
 
 def _build_every_stage(cfg: DictConfig, ctx: RunContext, stages: list[str], dm: DRDataModule) -> None:

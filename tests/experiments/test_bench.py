@@ -135,3 +135,19 @@ def test_skipping_both_pipelines_is_an_error(project: Path):
     cfg = compose_config("bench", FAST + ["bench.chain_run_dir=null", "bench.dr_run_dir=null"], project / "b")
     with pytest.raises(ValueError, match="both null"):
         run_bench(cfg)
+
+
+def test_training_benchmark_measures_a_real_training_step_in_its_own_process():
+    import contextlib
+    import io
+    import json as json_module
+
+    from experiments.bench_training import main as bench_training
+
+    output = io.StringIO()
+    with contextlib.redirect_stdout(output):
+        bench_training(["--models", "student", "--precisions", "bf16-mixed", "--batch-sizes", "2",
+                        "--image-size", "64", "--steps", "1", "--warmup", "1"])
+    row = json_module.loads(output.getvalue().splitlines()[0])
+    assert row["model"] == "student" and row["precision"] == "bf16-mixed" and row["batch_size"] == 2
+    assert row["images_per_s"] > 0 and row["peak_rss_mb"] > 100
