@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import torch
 from lightning import Callback, LightningModule, Trainer
+from sklearn.metrics import accuracy_score, cohen_kappa_score, f1_score
 
 from callbacks._mlflow import first_test_loader, has_mlflow_logger, image_names, log_mlflow_artifact
 from lightning_modules.explain import (
@@ -32,6 +33,24 @@ def predictions_table(names: list[str], labels: np.ndarray, probabilities: np.nd
     for k in range(probabilities.shape[1]):
         table[f"prob_{k}"] = probabilities[:, k].astype(np.float64)
     return table
+
+
+def per_source_metrics(predictions: pd.DataFrame, sources: np.ndarray, num_classes: int) -> dict[str, float]:
+    """``test/<set>/qwk``, ``test/<set>/acc``, ``test/<set>/f1_macro`` and ``test/<set>/images`` for each labelled
+    set of a data=multi test split (``sources``: each predictions row's set)."""
+    grades = list(range(num_classes))
+    results: dict[str, float] = {}
+    for source in sorted(set(sources.tolist())):
+        rows = predictions[np.asarray(sources) == source]
+        truth, predicted = rows["label"].to_numpy(), rows["prediction"].to_numpy()
+        results |= {
+            f"test/{source}/qwk": float(cohen_kappa_score(truth, predicted, labels=grades, weights="quadratic")),
+            f"test/{source}/acc": float(accuracy_score(truth, predicted)),
+            f"test/{source}/f1_macro": float(f1_score(truth, predicted, labels=grades, average="macro",
+                                                      zero_division=0.0)),
+            f"test/{source}/images": float(len(rows)),
+        }
+    return results
 
 
 class ClassificationDiagnostics(Callback):
@@ -84,8 +103,16 @@ class ClassificationDiagnostics(Callback):
         self.report = {"test/ece": ece}
         loader = first_test_loader(trainer)
         indices = torch.cat(self._indices).numpy()
-        names = image_names(getattr(loader, "dataset", None), indices)
+        dataset = getattr(loader, "dataset", None)
+        names = image_names(dataset, indices)
         self.predictions = predictions_table(names, labels, probabilities)
+        sources = getattr(dataset, "sources", None)
+        if sources is not None:  # data=multi: each labelled set's own test metrics too
+            sources = np.asarray(sources)[indices]
+            self.predictions.insert(1, "dataset", sources)
+            per_source = per_source_metrics(self.predictions, sources, probabilities.shape[1])
+            pl_module.log_dict(per_source, add_dataloader_idx=False)
+            self.report |= per_source
 
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.predictions is None:

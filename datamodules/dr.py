@@ -51,7 +51,9 @@ log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-FORMATS = ("synthetic", "aptos", "eyepacs")
+FORMATS = ("synthetic", "aptos", "eyepacs", "multi")
+#: the formats a source of data=multi may have
+SOURCE_FORMATS = ("aptos", "eyepacs")
 SYNTHETIC_BANNER = synthetic_data_banner("data=aptos|eyepacs data.root=<folder>")
 
 
@@ -148,12 +150,16 @@ class FundusGradingDataset(Dataset):
         self.transform = transform
         #: (N, K) teacher logits in this dataset's order, or None (online distillation)
         self.soft_targets: np.ndarray | None = None
+        #: the labelled set each image comes from (data=multi), or None for a single set
+        self.sources: np.ndarray | None = None
 
     def evaluation_view(self, indices: list[int] | None = None) -> FundusGradingDataset:
         """These images (all, or ``indices``) without augmentation: what a teacher's soft targets are made from."""
         chosen = list(range(len(self))) if indices is None else list(indices)
-        return FundusGradingDataset([self.paths[i] for i in chosen], self.labels[chosen], self.topo_features[chosen],
+        view = FundusGradingDataset([self.paths[i] for i in chosen], self.labels[chosen], self.topo_features[chosen],
                                     self.cache, evaluation_transform())
+        view.sources = None if self.sources is None else self.sources[chosen]
+        return view
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -205,11 +211,13 @@ class DRDataModule(LightningDataModule):
         synthetic_raw_size: int = 384,
         synthetic_class_proportions: tuple[float, ...] = (0.4, 0.15, 0.2, 0.1, 0.15),
         synthetic_seed: int = 0,
+        sources: dict[str, dict[str, str]] | None = None,
     ):
         super().__init__()
         if format not in FORMATS:
             raise ValueError(f"data.format={format!r}: choose one of {FORMATS}")
-        if format != "synthetic" and not root:
+        self.sources = self._checked_sources(format, sources)
+        if format not in ("synthetic", "multi") and not root:
             raise DataValidationError(f"data={format} needs data.root=<dataset folder>",
                                       fix=f"run e.g. make dr-distill ARGS='data={format} data.root=/path/to/{format}'")
         self.format = format
@@ -241,6 +249,28 @@ class DRDataModule(LightningDataModule):
         self.imager: PersistenceImager | None = None
         self.datasets: dict[str, FundusGradingDataset] = {}
 
+    @staticmethod
+    def _checked_sources(format: str, sources: dict[str, dict[str, str]] | None) -> dict[str, dict[str, str]]:
+        """data=multi's labelled sets, ``{name: {format: aptos|eyepacs, root: folder}}``; empty otherwise."""
+        if format != "multi":
+            return {}
+        fix = ("give two or more, e.g. data=multi data.sources.aptos.root=/data/aptos "
+               "data.sources.eyepacs.root=/data/eyepacs")
+        if not sources or len(sources) < 2:
+            raise DataValidationError(f"data=multi needs at least two labelled sets in data.sources, got "
+                                      f"{sorted(sources or {})}", fix=fix)
+        problems = []
+        for name, source in sources.items():
+            if not isinstance(source, dict) or source.get("format") not in SOURCE_FORMATS:
+                problems.append(f"data.sources.{name}.format must be one of {list(SOURCE_FORMATS)}")
+            elif not source.get("root") or str(source.get("root")) == "???":
+                problems.append(f"data.sources.{name}.root is not set")
+            elif "/" in name:
+                problems.append(f"data.sources.{name}: a set's name may not contain '/'")
+        if problems:
+            raise DataValidationError("; ".join(problems), fix=fix)
+        return {name: {"format": str(s["format"]), "root": str(s["root"])} for name, s in sources.items()}
+
     # ----------------------------------------------------------------------------------- facts
     @property
     def num_classes(self) -> int:
@@ -256,6 +286,8 @@ class DRDataModule(LightningDataModule):
 
     @property
     def dataset_root(self) -> Path:
+        if self.format == "multi":
+            raise ValueError("data=multi has no single dataset root: its sets are data.sources.<name>.root")
         if self.is_synthetic:
             s = self.synthetic
             name = f"n{s['num_images']}-s{s['raw_size']}-seed{s['seed']}"
@@ -285,10 +317,10 @@ class DRDataModule(LightningDataModule):
         return data_fingerprint(f"{row.sample_id}|{row.label}|{Path(row.path).stat().st_size}" for row in rows)
 
     def split_table(self) -> pd.DataFrame:
-        """sample_id, patient, label, split, path: saved and logged with every run."""
+        """sample_id, patient, label, split, path (and dataset, with data=multi): saved and logged with every run."""
         self._require_setup()
         table = with_split_column(self.index, self.split_indices)
-        return table[["sample_id", "patient", "label", "split", "path"]]
+        return table[["sample_id", "patient", "label", "split", "path", *(["dataset"] if "dataset" in table else [])]]
 
     def majority_baseline_accuracy(self, split: str = "test") -> float:
         """Accuracy of always predicting the training split's most frequent grade."""
@@ -314,14 +346,32 @@ class DRDataModule(LightningDataModule):
     def read_index(self, missing_images: list[str] | None = None) -> pd.DataFrame:
         """The label file's validated index; with a ``missing_images`` list, rows without their image are
         described there instead of failing (``datamodules.dr_index``)."""
+        if self.format == "multi":
+            return self._multi_index(missing_images)
         if self.format == "eyepacs":
             return read_eyepacs_index(self.dataset_root, missing_images)
         # APTOS layout, also what the synthetic writer produces
         return read_aptos_index(self.dataset_root, missing_images)
 
+    def _multi_index(self, missing_images: list[str] | None) -> pd.DataFrame:
+        """Every source's index, ids and patients prefixed with the source's name (``aptos/000c1434d8d7``) so that
+        two sets' ids never collide, with a ``dataset`` column."""
+        tables = []
+        for name, source in self.sources.items():
+            reader = read_eyepacs_index if source["format"] == "eyepacs" else read_aptos_index
+            table = reader(Path(source["root"]).expanduser(), missing_images)
+            table = table.assign(sample_id=f"{name}/" + table["sample_id"].astype(str),
+                                 patient=f"{name}/" + table["patient"].astype(str), dataset=name)
+            tables.append(table)
+        return pd.concat(tables, ignore_index=True)
+
     @property
     def image_folders(self) -> tuple[str, ...]:
-        """Where this format's images are looked for, under ``dataset_root``."""
+        """Where this format's images are looked for, under ``dataset_root`` (not for data=multi: each source has
+        its own)."""
+        if self.format == "multi":
+            raise ValueError("data=multi has one image folder per source: evaluate one labelled set at a time "
+                             "(data=aptos|eyepacs data.root=<folder>)")
         return IMAGE_FOLDERS["eyepacs" if self.format == "eyepacs" else "aptos"]
 
     def setup(self, stage: str | None = None) -> None:
@@ -331,8 +381,7 @@ class DRDataModule(LightningDataModule):
             self.prepare_data()
         index = self._usable(self.read_index())
         labels = index["label"].to_numpy()
-        groups = index["patient"].to_numpy()
-        splits = stratified_group_split(labels, groups, self.val_fraction, self.test_fraction, self.seed)
+        splits = self._split(index)
         check_splits(labels, splits, NUM_GRADES)
         paths = [Path(p) for p in index["path"]]
         self.index, self.split_indices = index, splits
@@ -345,9 +394,26 @@ class DRDataModule(LightningDataModule):
                 [str(paths[i]) for i in idx], labels[idx], topo[idx], self.image_cache,
                 train_tf if name == "train" else eval_tf,
             )
+            if "dataset" in index:
+                self.datasets[name].sources = index["dataset"].to_numpy()[idx]
         counts = {name: class_counts(labels[idx], NUM_GRADES).tolist() for name, idx in splits.items()}
         log.info("DR data (%s, %d images): images per grade %s; class weights %s", self.format, len(index),
                  counts, np.round(self.class_weights, 3).tolist())
+
+    def _split(self, index: pd.DataFrame) -> dict[str, np.ndarray]:
+        """70/15/15 (by default), stratified and patient-grouped; with data=multi each set is split on its own, so
+        each keeps its proportions and has a test split of its own (per-set test metrics)."""
+        labels, groups = index["label"].to_numpy(), index["patient"].to_numpy()
+        if "dataset" not in index:
+            return stratified_group_split(labels, groups, self.val_fraction, self.test_fraction, self.seed)
+        parts: dict[str, list[np.ndarray]] = {name: [] for name in SPLITS}
+        for name in self.sources:
+            rows = np.flatnonzero(index["dataset"].to_numpy() == name)
+            own = stratified_group_split(labels[rows], groups[rows], self.val_fraction, self.test_fraction, self.seed)
+            check_splits(labels[rows], own, NUM_GRADES)
+            for split, positions in own.items():
+                parts[split].append(rows[positions])
+        return {split: np.concatenate(chunks) for split, chunks in parts.items()}
 
     def _usable(self, index: pd.DataFrame) -> pd.DataFrame:
         """Decode, check and cache every image before anything trains: the index of the usable ones. An unusable

@@ -103,3 +103,36 @@ def test_class_weights_follow_the_counts_the_loss_sees(aptos_root: Path, tmp_pat
     weights = np.asarray(natural.class_weights)
     counts = np.bincount(natural.datasets["train"].labels, minlength=5)
     assert weights[np.argmax(counts)] == weights.min() and weights[np.argmin(counts)] == weights.max()
+
+
+def test_multi_splits_each_set_on_its_own_and_keeps_its_name(aptos_root: Path, eyepacs_root: Path, tmp_path: Path):
+    sources = {"aptos": {"format": "aptos", "root": str(aptos_root)},
+               "eyepacs": {"format": "eyepacs", "root": str(eyepacs_root)}}
+    dm = make_dm(None, tmp_path, fmt="multi", sources=sources)
+    dm.setup()
+    table = dm.split_table()
+    assert len(table) == 40 + 80 and set(table["dataset"]) == {"aptos", "eyepacs"}
+    assert table["sample_id"].str.startswith(("aptos/", "eyepacs/")).all() and table["sample_id"].is_unique
+    for _, rows in table.groupby("dataset"):
+        # each set has every split, and its share of the test split is its own 15%
+        counts = rows["split"].value_counts()
+        assert set(counts.index) == {"train", "val", "test"}
+        assert counts["test"] == pytest.approx(0.15 * len(rows), abs=3)
+    # both eyes of an EyePACS patient stay together
+    assert (table.groupby("patient")["split"].nunique() == 1).all()
+    test = dm.datasets["test"]
+    assert set(test.sources) == {"aptos", "eyepacs"} and len(test.sources) == len(test)
+    assert list(dm.datasets["train"].evaluation_view([0, 1]).sources) == list(dm.datasets["train"].sources[:2])
+    with pytest.raises(ValueError, match="one image folder per source"):
+        _ = dm.image_folders
+
+
+@pytest.mark.parametrize("sources, message", [
+    (None, "at least two"),
+    ({"a": {"format": "aptos", "root": "/x"}}, "at least two"),
+    ({"a": {"format": "aptos", "root": "/x"}, "b": {"format": "kaggle", "root": "/y"}}, "b.format"),
+    ({"a": {"format": "aptos", "root": "/x"}, "b": {"format": "eyepacs", "root": "???"}}, "b.root is not set"),
+])
+def test_multi_refuses_unusable_sources(sources, message, tmp_path: Path):
+    with pytest.raises(DataValidationError, match=message):
+        DRDataModule(format="multi", sources=sources, cache_dir=str(tmp_path))

@@ -133,6 +133,20 @@ def test_the_student_distils_from_cached_soft_targets_computed_once_per_teacher(
     assert state["stages"]["student"]["status"] == "done"
 
 
+def test_multi_trains_on_two_sets_and_logs_each_sets_test_metrics(project: Path, aptos_root: Path,
+                                                                  eyepacs_root: Path):
+    overrides = [*TINY, "experiment=dr_student_only", "data=multi", f"data.sources.aptos.root={aptos_root}",
+                 f"data.sources.eyepacs.root={eyepacs_root}", "data.image_size=64"]
+    run_dr_distill(compose_config("train_dr", overrides, project / "multi"))
+    student = _runs(mlflow_store(project))["student"][0]
+    for name in ("aptos", "eyepacs"):
+        assert {f"test/{name}/qwk", f"test/{name}/acc", f"test/{name}/images"} <= set(student.data.metrics)
+    images = student.data.metrics["test/aptos/images"] + student.data.metrics["test/eyepacs/images"]
+    splits = (project / "multi" / "splits.csv").read_text().splitlines()
+    assert images == sum(1 for line in splits[1:] if ",test," in line)
+    assert splits[0].endswith(",dataset")
+
+
 def test_student_stage_alone_with_distillation_needs_a_teacher(project: Path):
     cfg = compose_config("train_dr", [*FAST, "stages=[student]"], project / "out")
     with pytest.raises(ValueError, match="distill.teacher_checkpoint"):
