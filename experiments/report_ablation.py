@@ -20,12 +20,12 @@ from experiments.report_data import (
     GAIN_METRICS,
     PREDICTIONS_ARTIFACT,
     BootstrapSettings,
-    _num_classes,
-    _override_items,
     grading_scores,
     latest_parent_runs,
+    override_items,
     pair_predictions,
     paired_bootstrap_gain,
+    prediction_num_classes,
     run_link,
 )
 from experiments.tracking import child_runs, read_csv_artifact
@@ -58,7 +58,7 @@ def ablation_arm(parent: Run) -> str | None:
 def ablation_sweep_key(parent: Run) -> tuple[str | None, frozenset[str]]:
     """(data fingerprint, the overrides without the arm choice): equal for the jobs of one sweep and for a
     rerun of one of its arms."""
-    shared = frozenset(item for item in _override_items(parent.data.tags.get("overrides", ""))
+    shared = frozenset(item for item in override_items(parent.data.tags.get("overrides", ""))
                        if item.split("=", 1)[0].lstrip("+") != ABLATION)
     return parent.data.tags.get("data_fingerprint"), shared
 
@@ -111,7 +111,7 @@ def ablation_study(client: MlflowClient, parents: list[Run], settings: Bootstrap
         except ValueError as error:
             study.problems.append(f"arm {arm} cannot be paired with {FULL}: {error}")
             continue
-        num_classes = _num_classes(frame, full)
+        num_classes = prediction_num_classes(frame, full)
         if arm == FULL:  # the reference: its scores, no difference to bootstrap
             row |= dict(zip(GAIN_METRICS, grading_scores(paired["label"].to_numpy(),
                                                          paired["with_teacher"].to_numpy(), num_classes)))

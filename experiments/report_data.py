@@ -496,7 +496,7 @@ def is_baseline_run(run: Run) -> bool:
     return run.data.params.get("model.baseline.backbone", "None") not in _NO_VALUE
 
 
-def _override_items(overrides: str) -> list[str]:
+def override_items(overrides: str) -> list[str]:
     """The ``overrides`` tag (standard_tags: the command-line overrides joined by spaces) as a list."""
     return [item for item in overrides.split() if item != "(none)"]
 
@@ -508,7 +508,7 @@ def _is_baseline_choice(item: str) -> bool:
 
 def baseline_sweep_overrides(parent: Run) -> list[str]:
     """The run's overrides without its backbone choice: what every job of its sweep shares."""
-    return [item for item in _override_items(parent.data.tags.get("overrides", "")) if not
+    return [item for item in override_items(parent.data.tags.get("overrides", "")) if not
             _is_baseline_choice(item)]
 
 
@@ -537,7 +537,7 @@ def pretrained_label(params: Mapping[str, str], prefix: str = "model.baseline.")
 def baseline_choice(parent: Run) -> str:
     """The backbone choice of a sweep job: its ``model/baseline`` override, else (a single run of the
     experiment's default) the backbone it trained."""
-    for item in _override_items(parent.data.tags.get("overrides", "")):
+    for item in override_items(parent.data.tags.get("overrides", "")):
         if _is_baseline_choice(item) and "=" in item:
             return item.split("=", 1)[1]
     return backbone_label(parent.data.params)
@@ -817,7 +817,7 @@ def find_student_without_teacher(
     return None, rejected, None
 
 
-def _num_classes(*frames: pd.DataFrame) -> int:
+def prediction_num_classes(*frames: pd.DataFrame) -> int:
     """K from the ``prob_0 .. prob_{K-1}`` columns (the predictions file), else from the largest grade seen."""
     probs = max(sum(str(c).startswith("prob_") for c in f.columns) for f in frames)
     seen = max(int(max(f["label"].max(), f["prediction"].max())) + 1 for f in frames)
@@ -864,7 +864,7 @@ def distillation_gain(client: MlflowClient, distilled: SelectedRun, explicit: st
                           f"again with `{command}`.")
         return result
     result.images = len(paired)
-    result.table = paired_bootstrap_gain(paired, _num_classes(with_teacher, without_teacher), settings)
+    result.table = paired_bootstrap_gain(paired, prediction_num_classes(with_teacher, without_teacher), settings)
     return result
 
 
