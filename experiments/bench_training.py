@@ -6,8 +6,9 @@
 Each (model, precision, batch size) runs in its own process, so that its peak resident memory
 (``getrusage``) is its own: a few warm-up steps, then timed optimiser steps of the module's real
 ``training_step`` (both views of the consistency loss, KD from the teacher for the student) on random images,
-through a Lightning Trainer at the given ``trainer.precision`` (``bf16-mixed``: autocast to bfloat16 on the CPU). Prints one line per setting and a table; nothing is logged to MLflow (timings are a benchmark,
-not a run's result).
+through a Lightning Trainer at the given ``trainer.precision`` (``bf16-mixed``: autocast to bfloat16 on the
+CPU). Prints one line per setting and a table; nothing is logged to MLflow (timings are a benchmark, not a
+run's result).
 """
 
 from __future__ import annotations

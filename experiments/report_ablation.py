@@ -22,7 +22,7 @@ from experiments.report_data import (
     BootstrapSettings,
     grading_scores,
     latest_parent_runs,
-    override_items,
+    newest_sweep,
     pair_predictions,
     paired_bootstrap_gain,
     prediction_num_classes,
@@ -55,27 +55,14 @@ def ablation_arm(parent: Run) -> str | None:
     return None if value is None or value in _NO_VALUE else value
 
 
-def ablation_sweep_key(parent: Run) -> tuple[str | None, frozenset[str]]:
-    """(data fingerprint, the overrides without the arm choice): equal for the jobs of one sweep and for a
-    rerun of one of its arms."""
-    shared = frozenset(item for item in override_items(parent.data.tags.get("overrides", ""))
-                       if item.split("=", 1)[0].lstrip("+") != ABLATION)
-    return parent.data.tags.get("data_fingerprint"), shared
-
-
 def latest_ablation_sweep(client: MlflowClient, experiment_name: str) -> list[Run]:
-    """Each arm's newest FINISHED parent run of the newest sweep (the newest ablation run defines it), in the
-    order of :data:`ARMS` (other arm names after them). Empty when the experiment has no ablation run."""
+    """Each arm's newest FINISHED parent run of the newest sweep (the newest ablation run defines it,
+    ``report_data.newest_sweep``), in the order of :data:`ARMS` (other arm names after them). Empty when the
+    experiment has no ablation run."""
     parents = [run for run in latest_parent_runs(client, experiment_name) if ablation_arm(run) is not None]
-    if not parents:
-        return []
-    key = ablation_sweep_key(parents[0])
-    newest: dict[str, Run] = {}
-    for parent in parents:
-        if ablation_sweep_key(parent) == key:
-            newest.setdefault(ablation_arm(parent), parent)
     order = {arm: index for index, arm in enumerate(ARMS)}
-    return sorted(newest.values(), key=lambda run: (order.get(ablation_arm(run), len(ARMS)), ablation_arm(run)))
+    return sorted(newest_sweep(parents, ABLATION, ablation_arm),
+                  key=lambda run: (order.get(ablation_arm(run), len(ARMS)), ablation_arm(run)))
 
 
 def _student_predictions(client: MlflowClient, parent: Run, workdir: Path) -> tuple[Run | None, pd.DataFrame | None]:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -501,21 +501,41 @@ def override_items(overrides: str) -> list[str]:
     return [item for item in overrides.split() if item != "(none)"]
 
 
-def _is_baseline_choice(item: str) -> bool:
-    """``model/baseline=...``, also as ``+model/baseline=`` / ``++model/baseline=`` (adding the group)."""
-    return item.split("=", 1)[0].lstrip("+") == BASELINE_GROUP
+def is_group_choice(item: str, group: str) -> bool:
+    """Whether an override chooses ``group`` (``model/baseline=...``), also as ``+group=`` / ``++group=``."""
+    return item.split("=", 1)[0].lstrip("+") == group
+
+
+def sweep_key(parent: Run, group: str) -> tuple[str | None, frozenset[str]]:
+    """(data fingerprint, the overrides without the ``group`` choice as a set): equal for the jobs of one sweep over
+    ``group`` and for a rerun of one of its choices, whatever order the overrides were typed in."""
+    shared = frozenset(item for item in override_items(parent.data.tags.get("overrides", ""))
+                       if not is_group_choice(item, group))
+    return parent.data.tags.get("data_fingerprint"), shared
+
+
+def newest_sweep(parents: Sequence[Run], group: str, choice: Callable[[Run], str | None]) -> list[Run]:
+    """Of ``parents`` (newest first): the newest run's sweep over ``group`` (:func:`sweep_key`), one run per
+    ``choice``, the newest (a rerun of one choice replaces its older run; other sweeps are left out)."""
+    if not parents:
+        return []
+    key = sweep_key(parents[0], group)
+    newest: dict[str | None, Run] = {}
+    for parent in parents:
+        if sweep_key(parent, group) == key:
+            newest.setdefault(choice(parent), parent)
+    return list(newest.values())
 
 
 def baseline_sweep_overrides(parent: Run) -> list[str]:
     """The run's overrides without its backbone choice: what every job of its sweep shares."""
     return [item for item in override_items(parent.data.tags.get("overrides", "")) if not
-            _is_baseline_choice(item)]
+            is_group_choice(item, BASELINE_GROUP)]
 
 
 def baseline_sweep_key(parent: Run) -> tuple[str | None, frozenset[str]]:
-    """(data fingerprint, the overrides without the backbone choice as a set): equal for the jobs of one sweep
-    and for a rerun of one of its backbones, whatever order the overrides were typed in."""
-    return parent.data.tags.get("data_fingerprint"), frozenset(baseline_sweep_overrides(parent))
+    """:func:`sweep_key` over the backbone choice."""
+    return sweep_key(parent, BASELINE_GROUP)
 
 
 def backbone_label(params: Mapping[str, str], prefix: str = "model.baseline.") -> str:
@@ -538,7 +558,7 @@ def baseline_choice(parent: Run) -> str:
     """The backbone choice of a sweep job: its ``model/baseline`` override, else (a single run of the
     experiment's default) the backbone it trained."""
     for item in override_items(parent.data.tags.get("overrides", "")):
-        if _is_baseline_choice(item) and "=" in item:
+        if is_group_choice(item, BASELINE_GROUP) and "=" in item:
             return item.split("=", 1)[1]
     return backbone_label(parent.data.params)
 
@@ -549,14 +569,7 @@ def latest_baseline_sweep(client: MlflowClient, experiment_name: str) -> list[Ru
     (a rerun of one backbone replaces its older run; sweeps on other data or settings are left out). Newest
     first; empty when the experiment has no finished baseline run."""
     parents = [run for run in latest_parent_runs(client, experiment_name) if is_baseline_run(run)]
-    if not parents:
-        return []
-    key = baseline_sweep_key(parents[0])
-    newest: dict[str, Run] = {}
-    for parent in parents:
-        if baseline_sweep_key(parent) == key:
-            newest.setdefault(baseline_choice(parent), parent)
-    return list(newest.values())
+    return newest_sweep(parents, BASELINE_GROUP, baseline_choice)
 
 
 def explicit_baseline_runs(client: MlflowClient, run_ids: Sequence[str], tracking_uri: str) -> list[Run]:
