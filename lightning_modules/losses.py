@@ -57,22 +57,6 @@ def linear_alpha(epoch: int, max_epochs: int, start: float, end: float) -> float
     return float(start + (end - start) * progress)
 
 
-def distillation_loss(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    targets: Tensor,
-    *,
-    temperature: float,
-    alpha: float,
-    class_weights: Tensor | None = None,
-    label_smoothing: float = 0.0,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """L = alpha * tau^2 * KL(teacher || student) + (1 - alpha) * CE(student, y); returns (L, KD, CE)."""
-    kd = kd_kl_loss(student_logits, teacher_logits, temperature)
-    ce = F.cross_entropy(student_logits, targets, weight=class_weights, label_smoothing=label_smoothing)
-    return alpha * kd + (1.0 - alpha) * ce, kd, ce
-
-
 def consistency_loss(logits: Tensor, logits_transformed: Tensor) -> Tensor:
     """Mean squared difference of class probabilities on x and on a transformed x (Laine & Aila's Pi-model).
 

@@ -6,8 +6,8 @@ import torch
 
 from lightning_modules.losses import (
     consistency_loss,
-    distillation_loss,
     effective_number_weights,
+    head_distillation_loss,
     inverse_frequency_sample_weights,
     kd_kl_loss,
     linear_alpha,
@@ -34,9 +34,11 @@ def test_distillation_loss_mixes_kd_and_ce_with_alpha():
     torch.manual_seed(0)
     student, teacher = torch.randn(6, 5), torch.randn(6, 5)
     targets = torch.tensor([0, 1, 2, 3, 4, 0])
-    total, kd, ce = distillation_loss(student, teacher, targets, temperature=4.0, alpha=0.3)
+    total, kd, ce = head_distillation_loss(student, teacher, targets, "classification", 5, temperature=4.0,
+                                           alpha=0.3)
     assert total.item() == pytest.approx(0.3 * kd.item() + 0.7 * ce.item(), rel=1e-6)
-    only_ce, _, ce2 = distillation_loss(student, teacher, targets, temperature=4.0, alpha=0.0)
+    only_ce, _, ce2 = head_distillation_loss(student, teacher, targets, "classification", 5, temperature=4.0,
+                                             alpha=0.0)
     assert only_ce.item() == pytest.approx(ce2.item())
 
 
