@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 from typing import Any
@@ -385,20 +386,48 @@ class DRDataModule(LightningDataModule):
         check_splits(labels, splits, NUM_GRADES)
         paths = [Path(p) for p in index["path"]]
         self.index, self.split_indices = index, splits
-        topo = self._topological_features(paths, splits["train"])
+        self._build_datasets(self._topological_features(paths, splits["train"]))
+        counts = {name: class_counts(labels[idx], NUM_GRADES).tolist() for name, idx in splits.items()}
+        log.info("DR data (%s, %d images): images per grade %s; class weights %s", self.format, len(index),
+                 counts, np.round(self.class_weights, 3).tolist())
+
+    def _build_datasets(self, topo: np.ndarray) -> None:
+        """One dataset per split of the set-up index, reading this module's image cache."""
+        paths, labels = self.index["path"].tolist(), self.index["label"].to_numpy()
         eval_tf = evaluation_transform()
         train_tf = training_transform(self.preprocessing.image_size, self.camera_augment) if self.augment else eval_tf
         for name in SPLITS:
-            idx = splits[name]
+            idx = self.split_indices[name]
             self.datasets[name] = FundusGradingDataset(
                 [str(paths[i]) for i in idx], labels[idx], topo[idx], self.image_cache,
                 train_tf if name == "train" else eval_tf,
             )
-            if "dataset" in index:
-                self.datasets[name].sources = index["dataset"].to_numpy()[idx]
-        counts = {name: class_counts(labels[idx], NUM_GRADES).tolist() for name, idx in splits.items()}
-        log.info("DR data (%s, %d images): images per grade %s; class weights %s", self.format, len(index),
-                 counts, np.round(self.class_weights, 3).tolist())
+            if "dataset" in self.index:
+                self.datasets[name].sources = self.index["dataset"].to_numpy()[idx]
+
+    def with_image_size(self, image_size: int) -> DRDataModule:
+        """The same images, splits, labels and sampler prepared at ``image_size``, without topological features:
+        what a teacher that sees more than its student trains and grades on (``distill.teacher_image_size``).
+        Each image is decoded once more into the cache at that size; one that is usable at this module's size
+        but not at the other stops the run, listed, as in ``setup``."""
+        self._require_setup()
+        if image_size == self.preprocessing.image_size:
+            return self
+        other = copy.copy(self)
+        other.preprocessing = FundusPreprocessing(image_size=image_size, ben_graham=self.preprocessing.ben_graham)
+        other.photograph_check = PhotographCheck.for_image_size(image_size, self.photograph_check.require_field_of_view)
+        other.image_cache = PreprocessedImageCache(self.cache_dir, other.preprocessing, other.photograph_check)
+        other.use_topology, other.imager, other.datasets = False, None, {}
+        log.info("The same %d images at %d px (decoded once into the cache, then read from it)", len(self.index),
+                 image_size)
+        problems = other.image_cache.warm([Path(p) for p in self.index["path"]], num_threads=max(2, self.num_workers))
+        if problems:
+            raise DataValidationError(f"{len(problems)} image(s) usable at {self.preprocessing.image_size} px are "
+                                      f"not at {image_size} px",
+                                      [f"{self.index['path'].iloc[i]}: {reason}" for i, reason in problems],
+                                      fix="remove them from the label CSV, or choose sizes at which both accept them")
+        other._build_datasets(np.zeros((len(self.index), 0), np.float32))
+        return other
 
     def _split(self, index: pd.DataFrame) -> dict[str, np.ndarray]:
         """70/15/15 (by default), stratified and patient-grouped; with data=multi each set is split on its own, so

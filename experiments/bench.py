@@ -83,6 +83,10 @@ class BenchModel:
     input_names: tuple[str, ...]
     latency_inputs: tuple[Tensor, ...]
     architecture: dict[str, Any]
+    #: its own test and calibration batches where it sees another resolution than the pipeline's data (a DR
+    #: teacher trained at ``distill.teacher_image_size``); None: the pipeline's
+    eval_batches: list[dict[str, Tensor]] | None = field(default=None, repr=False)
+    calibration_batches: list[dict[str, Tensor]] | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -254,7 +258,9 @@ def _disc_pipeline(cfg: DictConfig, mode: str, run_dir: Path | None) -> Pipeline
 
 
 # ----------------------------------------------------------------------------------------------------- DR
-def _dr_pipeline(cfg: DictConfig, mode: str, run_dir: Path | None) -> Pipeline:
+def dr_pipeline(cfg: DictConfig, mode: str, run_dir: Path | None) -> Pipeline:
+    """The DR models to measure: a run's finished teacher and student (``mode="run"``) or fresh networks of the
+    configured architectures (``"fresh"``), with the test and calibration batches each is scored on."""
     state: dict[str, Any] = {}
     if mode == "run":
         state = read_run_state(run_dir, DR_TASK, "bench.dr_run_dir")
@@ -268,7 +274,9 @@ def _dr_pipeline(cfg: DictConfig, mode: str, run_dir: Path | None) -> Pipeline:
                     f"make {DR_TASK} ARGS=\"resume={run_dir}\" or pass bench.dr_run_dir=<another run>")
             if checkpoint:
                 checkpoints[name] = checkpoint
-        datamodule = _ready_datamodule(_run_config(run_dir).data)
+        run_config = _run_config(run_dir)
+        teacher_size = OmegaConf.select(run_config, "distill.teacher_image_size", default=None)
+        datamodule = _ready_datamodule(run_config.data)
         _check_test_split(run_dir, datamodule)
         # pretrained="none": the checkpoints hold every weight; nothing is fetched. weights_only: plain values and
         # tensors only, never unpickled objects (bench.dr_run_dir may name a run someone else wrote)
@@ -283,6 +291,7 @@ def _dr_pipeline(cfg: DictConfig, mode: str, run_dir: Path | None) -> Pipeline:
                 teacher_checkpoint=None, weights_only=True)
         source = f"trained: {run_dir}"
     else:
+        teacher_size = OmegaConf.select(cfg, "distill.teacher_image_size", default=None)
         datamodule = _ready_datamodule(cfg.data)
         distill = {k: v for k, v in OmegaConf.to_container(cfg.distill, resolve=True).items()
                    if k not in NOT_STUDENT_ARGUMENTS}
@@ -294,11 +303,16 @@ def _dr_pipeline(cfg: DictConfig, mode: str, run_dir: Path | None) -> Pipeline:
         source = "FRESH untrained network (no complete dr-distill run): quality is meaningless"
     test_path = datamodule.datasets["test"].paths[0]
     image, topo = datamodule.inference_inputs(test_path, with_topology=True)
+    # a teacher trained at its own resolution is timed, scored and calibrated on the same images at that size
+    teacher_data = None if teacher_size is None else datamodule.with_image_size(int(teacher_size))
     models = []
     for name, module in modules.items():
         net = module.net.eval().to(memory_format=torch.contiguous_format)
         names = network_input_names(net)
         inputs = (image, topo)[:len(names)]
+        own_data = teacher_data if name == "teacher" and teacher_data is not datamodule else None
+        if own_data is not None:
+            inputs = own_data.inference_inputs(test_path)[:len(names)]
         hparams = dict(module.hparams)
         if name == "student":
             keys = ("backbone", "num_classes", "topo_features", "topo_hidden", "topo_embedding", "cbam_rd_ratio",
@@ -307,7 +321,9 @@ def _dr_pipeline(cfg: DictConfig, mode: str, run_dir: Path | None) -> Pipeline:
         else:
             architecture = {"kind": "timm", "backbone": hparams.get("backbone"),
                             "num_classes": hparams.get("num_classes")}
-        models.append(BenchModel(name, net, names, inputs, architecture))
+        models.append(BenchModel(name, net, names, inputs, architecture) if own_data is None else BenchModel(
+            name, net, names, inputs, architecture, eval_batches=list(own_data.test_dataloader()),
+            calibration_batches=_take_images(own_data.calibration_dataloader(), int(cfg.bench.calibration_images))))
     if not models:
         raise ValueError(f"{run_dir} holds neither a finished teacher nor a finished student")
     return Pipeline(
@@ -363,8 +379,9 @@ def measure_pipeline(cfg: DictConfig, pipeline: Pipeline, workdir: Path, threads
     for model in pipeline.models:
         log.info("Benchmarking %s / %s (%s)", pipeline.key, model.name, pipeline.source)
         names = model.input_names
-        eval_batches = [(tuple(b[n] for n in names), b[pipeline.target_key]) for b in pipeline.eval_batches]
-        calibration = [tuple(b[n] for n in names) for b in pipeline.calibration_batches]
+        eval_batches = [(tuple(b[n] for n in names), b[pipeline.target_key])
+                        for b in model.eval_batches or pipeline.eval_batches]
+        calibration = [tuple(b[n] for n in names) for b in model.calibration_batches or pipeline.calibration_batches]
         rows += benchmark_backends(
             model.net, model.latency_inputs, calibration, workdir, int(bench.runs), int(bench.warmup), threads,
             tuple(bench.backends), name=model.name, input_names=names, eval_batches=eval_batches,
@@ -442,7 +459,7 @@ def find_pipelines(cfg: DictConfig) -> list[Pipeline]:
     if disc_mode != "skip":
         pipelines.append(_disc_pipeline(cfg, disc_mode, disc_dir))
     if dr_mode != "skip":
-        pipelines.append(_dr_pipeline(cfg, dr_mode, dr_dir))
+        pipelines.append(dr_pipeline(cfg, dr_mode, dr_dir))
     return pipelines
 
 

@@ -179,6 +179,7 @@ DR_SETTINGS = (
     _float("distill.label_smoothing", 0, 1, open_high=True),
     Setting("distill.teacher_checkpoint", str, optional=True),
     _int("distill.teacher_epochs", 1, optional=True),
+    _int("distill.teacher_image_size", 32, optional=True),
     Setting("model.student.head", str, choices=HEADS),
     _bool("model.student.use_cbam"),
     _int("qat.max_epochs", 1),

@@ -34,4 +34,4 @@ def run_key_as_overrides(run_key: str) -> str:
     return " ".join(f"{key}={value}" if value else key for key, value in split_run_key(run_key).items())
 
 #: distill.* keys that configure the run (which teacher, how long it trains), not the student's constructor
-NOT_STUDENT_ARGUMENTS = ("teacher_checkpoint", "teacher_epochs")
+NOT_STUDENT_ARGUMENTS = ("teacher_checkpoint", "teacher_epochs", "teacher_image_size")

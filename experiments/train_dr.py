@@ -113,7 +113,19 @@ def _summary(ctx: RunContext, dm: DRDataModule) -> dict[str, float]:
                 summary[f"{stage}/{name}"] = result["test"][name]
         for name, value in result.get("report", {}).items():
             summary[f"{stage}/{name}"] = value
-    return summary
+    return summary | teacher_student_cost_ratios(ctx.state.stages)
+
+
+def teacher_student_cost_ratios(stages: dict[str, dict]) -> dict[str, float]:
+    """How many times the teacher's cost the student's is, in measured CPU latency (batch 1, PyTorch) and in
+    MACs: what the distillation buys at inference (``distill/teacher_over_student_*``)."""
+    teacher = stages.get("teacher", {}).get("report", {})
+    student = stages.get("student", {}).get("report", {})
+    ratios = {}
+    for name, key in (("latency", "model/latency_ms_median"), ("macs", "model/macs")):
+        if teacher.get(key) and student.get(key):
+            ratios[f"distill/teacher_over_student_{name}"] = teacher[key] / student[key]
+    return ratios
 
 
 def run_dr_distill(cfg: DictConfig) -> float | None:
@@ -131,6 +143,7 @@ def run_dr_distill(cfg: DictConfig) -> float | None:
         raise ValueError("stage 'baseline' trains model.baseline: choose one, e.g. model/baseline=resnet50 "
                          "(or experiment=dr_baselines for the whole comparison)")
     check_retest(cfg, stages)
+    check_teacher_image_size(cfg)
     if "student_qat" in stages and ("student" not in stages or stages.index("student") > stages.index("student_qat")):
         raise ValueError("stage student_qat fine-tunes the trained student: list it after 'student' in stages, "
                          "e.g. stages=[teacher,student,student_qat]")
@@ -141,7 +154,7 @@ def run_dr_distill(cfg: DictConfig) -> float | None:
         for stage in stages:
             if ctx.state.stage_done(stage) and cfg.retest and stage in RETESTABLE:
                 result = retest_stage(ctx, stage, _finished_module(stage, ctx.state.stages[stage]["checkpoint"]),
-                                      dm, run.tags)
+                                      _stage_datamodule(cfg, stage, dm), run.tags)
             elif ctx.state.stage_done(stage):
                 log.info("Stage %s already finished in %s: skipping it", stage, ctx.run_dir)
                 result = ctx.state.stages[stage]
@@ -150,8 +163,8 @@ def run_dr_distill(cfg: DictConfig) -> float | None:
                 result = run_finisher(ctx, stage, partial(_run_student_qat, ctx, cfg, dm, run))
             else:
                 module = _stage_module(cfg, stage, dm, teacher_checkpoint)
-                result = fit_and_test_stage(ctx, stage, module, dm, run.files, run.tags,
-                                            trainer_overrides=_stage_trainer_overrides(cfg, stage))
+                result = fit_and_test_stage(ctx, stage, module, _stage_datamodule(cfg, stage, dm), run.files,
+                                            run.tags, trainer_overrides=_stage_trainer_overrides(cfg, stage))
             if stage == "teacher":
                 teacher_checkpoint = result["checkpoint"]
         if ctx.primary:  # DDP followers trained the same stages; the primary alone records and reports them
@@ -160,6 +173,38 @@ def run_dr_distill(cfg: DictConfig) -> float | None:
             _print_summary(summary)
         raise_for_failed_finishers(ctx, stages)
     return None if result is None else result.get("best_val")
+
+
+def _stage_datamodule(cfg: DictConfig, stage: str, dm: DRDataModule) -> DRDataModule:
+    """The teacher's images at its own resolution (``distill.teacher_image_size``), the same split; every other
+    stage's at ``data.image_size``."""
+    size = cfg.distill.get("teacher_image_size")
+    return dm.with_image_size(int(size)) if stage == "teacher" and size is not None else dm
+
+
+def check_teacher_image_size(cfg: DictConfig) -> None:
+    """A teacher at another resolution than its student can only teach through offline soft targets, made from
+    images at its own size (online KD would show it the student's); and a teacher trained by another run must be
+    given the size it was trained at, or its targets would describe images it never saw."""
+    size = cfg.distill.get("teacher_image_size")
+    student_size = int(cfg.data.image_size)
+    offline = OmegaConf.select(cfg, "callbacks.offline_distillation.enabled", default=False)
+    if size is not None and int(size) != student_size and "student" in cfg.stages and not offline:
+        raise ValueError(f"distill.teacher_image_size={size} differs from data.image_size={student_size}, which "
+                         "needs the teacher's soft targets computed offline at its own size: remove "
+                         "callbacks.offline_distillation.enabled=false, or drop distill.teacher_image_size")
+    folder = cfg.distill.get("teacher_checkpoint")
+    config_file = Path(folder) / "config.yaml" if folder is not None else None
+    if config_file is None or not config_file.is_file():
+        return
+    trained = OmegaConf.load(config_file)
+    trained_size = OmegaConf.select(trained, "distill.teacher_image_size", default=None)
+    trained_size = int(trained_size if trained_size is not None else trained.data.image_size)
+    wanted = int(size) if size is not None else student_size
+    if trained_size != wanted:
+        raise ValueError(f"distill.teacher_checkpoint={folder}: that teacher was trained at {trained_size} px, but "
+                         f"this run would grade its images at {wanted} px; add distill.teacher_image_size="
+                         f"{trained_size}")
 
 
 def _stage_trainer_overrides(cfg: DictConfig, stage: str) -> dict[str, int] | None:

@@ -6,6 +6,8 @@ import torch
 
 from datamodules.dr import DRDataModule
 from datamodules.errors import DataValidationError
+from datamodules.fundus import PreprocessedImageCache
+from datamodules.photograph import NotAFundusError
 
 
 def make_dm(root: Path, tmp_path: Path, fmt: str = "aptos", **overrides) -> DRDataModule:
@@ -27,6 +29,37 @@ def test_setup_splits_caches_and_serves_batches(aptos_root: Path, tmp_path: Path
     table = dm.split_table()
     assert set(table["split"]) == {"train", "val", "test"}
     assert len(dm.fingerprint) == 16
+
+
+def test_with_image_size_serves_the_same_split_at_the_teachers_resolution(aptos_root: Path, tmp_path: Path):
+    dm = make_dm(aptos_root, tmp_path)
+    dm.setup()
+    teachers = dm.with_image_size(96)
+    assert dm.with_image_size(64) is dm
+    for split in ("train", "val", "test"):
+        assert teachers.datasets[split].paths == dm.datasets[split].paths
+        assert (teachers.datasets[split].labels == dm.datasets[split].labels).all()
+    assert teachers.datasets["test"][0]["image"].shape == (3, 96, 96)
+    assert dm.datasets["test"][0]["image"].shape == (3, 64, 64)  # the student's module is left as it was
+    assert teachers.topology_dim == 0 and teachers.inference_spec()["image_size"] == 96
+    assert teachers.class_weights == dm.class_weights and teachers.fingerprint == dm.fingerprint
+
+
+def test_with_image_size_lists_images_unusable_at_the_other_size(aptos_root: Path, tmp_path: Path, monkeypatch):
+    dm = make_dm(aptos_root, tmp_path)
+    dm.setup()
+    broken = dm.datasets["train"].paths[0]
+    original = PreprocessedImageCache.load
+
+    def load(cache, source):
+        if cache.preprocessing.image_size == 96 and str(source) == broken:
+            raise NotAFundusError("too small for 96 px")
+        return original(cache, source)
+
+    monkeypatch.setattr(PreprocessedImageCache, "load", load)
+    with pytest.raises(DataValidationError, match="not at 96 px") as error:
+        dm.with_image_size(96)
+    assert broken in str(error.value)
 
 
 def test_inference_inputs_match_the_cached_evaluation_path(aptos_root: Path, tmp_path: Path):

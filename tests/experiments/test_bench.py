@@ -12,7 +12,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
 from omegaconf import OmegaConf
 
 from compression.benchmark import BACKENDS, WEIGHT_SHARED
-from experiments.bench import run_bench
+from experiments.bench import dr_pipeline, run_bench
 from lightning_modules.nets.vgg_unet import VGGUNet, save_network
 from tests.experiments.helpers import compose_config, runs_by_name
 
@@ -151,3 +151,14 @@ def test_training_benchmark_measures_a_real_training_step_in_its_own_process():
     row = json_module.loads(output.getvalue().splitlines()[0])
     assert row["model"] == "student" and row["precision"] == "bf16-mixed" and row["batch_size"] == 2
     assert row["images_per_s"] > 0 and row["peak_rss_mb"] > 100
+
+
+def test_a_teacher_at_its_own_resolution_is_timed_scored_and_calibrated_at_that_size(project: Path):
+    cfg = compose_config("bench", [*FAST, "distill.teacher_image_size=96"], project / "bench")
+    pipeline = dr_pipeline(cfg, "fresh", None)
+    models = {model.name: model for model in pipeline.models}
+    assert models["teacher"].latency_inputs[0].shape[-2:] == (96, 96)
+    assert models["student"].latency_inputs[0].shape[-2:] == (64, 64)
+    assert {batch["image"].shape[-1] for batch in models["teacher"].eval_batches} == {96}
+    assert {batch["image"].shape[-1] for batch in models["teacher"].calibration_batches} == {96}
+    assert models["student"].eval_batches is None and pipeline.eval_batches[0]["image"].shape[-1] == 64

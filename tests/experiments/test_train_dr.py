@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from callbacks.classification_diagnostics import PREDICTIONS_FILE
+from datamodules.fundus import FundusPreprocessing
 from experiments.train_dr import main as dr_main
 from experiments.train_dr import run_dr_distill
+from lightning_modules.soft_targets import SoftTargetCache, teacher_key
 from tests.experiments.helpers import (
     assert_shown_value_is_the_newest,
     compose_config,
@@ -131,6 +133,35 @@ def test_the_student_distils_from_cached_soft_targets_computed_once_per_teacher(
     state = json.loads((second / "run_state.json").read_text())
     assert state["stages"]["student"]["report"]["distill/soft_targets_computed"] == 0
     assert state["stages"]["student"]["status"] == "done"
+
+
+def test_a_teacher_at_a_higher_resolution_trains_and_teaches_at_its_own_size(project: Path):
+    first = project / "first"
+    run_dr_distill(compose_config("train_dr", [*TINY, "distill.teacher_image_size=96"], first))
+    state = json.loads((first / "run_state.json").read_text())
+    bundle_size = {stage: json.loads((first / stage / "deploy" / "bundle.json").read_text())["preprocessing"]
+                   ["image_size"] for stage in ("teacher", "student")}
+    assert bundle_size == {"teacher": 96, "student": 64}
+    # the soft targets were made from the 96 px images: cached under that preprocessing, not the student's
+    train_image = next(line.split(",")[-1] for line in (first / "splits.csv").read_text().splitlines()
+                       if ",train," in line)
+    teacher = teacher_key(state["stages"]["teacher"]["checkpoint"], 1)
+    cached = {size: SoftTargetCache(project / ".cache", teacher, FundusPreprocessing(size).key, 5).load(train_image)
+              for size in (96, 64)}
+    assert cached[96] is not None and cached[64] is None
+    parent = _runs(mlflow_store(project))["dr-distill[debug=tiny,distill.teacher_image_size=96]"][0]
+    assert parent.data.metrics["distill/teacher_over_student_macs"] > 1.5
+    # a student taught by that run's teacher must grade its images at the size it was trained at
+    with pytest.raises(ValueError, match="distill.teacher_image_size=96"):
+        run_dr_distill(compose_config("train_dr", [*TINY, "stages=[student]", f"distill.teacher_checkpoint={first}"],
+                                      project / "second"))
+
+
+def test_a_teacher_at_another_resolution_needs_offline_distillation(project: Path):
+    overrides = [*TINY, "distill.teacher_image_size=96", "callbacks.offline_distillation.enabled=false"]
+    with pytest.raises(ValueError, match="offline_distillation.enabled=false"):
+        run_dr_distill(compose_config("train_dr", overrides, project / "out"))
+    assert not (project / "out" / "run_state.json").exists()
 
 
 def test_multi_trains_on_two_sets_and_logs_each_sets_test_metrics(project: Path, aptos_root: Path,
