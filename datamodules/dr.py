@@ -249,6 +249,8 @@ class DRDataModule(LightningDataModule):
         self.split_indices: dict[str, np.ndarray] = {}
         self.imager: PersistenceImager | None = None
         self.datasets: dict[str, FundusGradingDataset] = {}
+        #: with_image_size's modules, by size: the teacher stage and the student's soft targets share one
+        self._at_image_size: dict[int, DRDataModule] = {}
 
     @staticmethod
     def _checked_sources(format: str, sources: dict[str, dict[str, str]] | None) -> dict[str, dict[str, str]]:
@@ -413,7 +415,10 @@ class DRDataModule(LightningDataModule):
         self._require_setup()
         if image_size == self.preprocessing.image_size:
             return self
+        if image_size in self._at_image_size:
+            return self._at_image_size[image_size]
         other = copy.copy(self)
+        other._at_image_size = {}
         other.preprocessing = FundusPreprocessing(image_size=image_size, ben_graham=self.preprocessing.ben_graham)
         other.photograph_check = PhotographCheck.for_image_size(image_size, self.photograph_check.require_field_of_view)
         other.image_cache = PreprocessedImageCache(self.cache_dir, other.preprocessing, other.photograph_check)
@@ -427,6 +432,7 @@ class DRDataModule(LightningDataModule):
                                       [f"{self.index['path'].iloc[i]}: {reason}" for i, reason in problems],
                                       fix="remove them from the label CSV, or choose sizes at which both accept them")
         other._build_datasets(np.zeros((len(self.index), 0), np.float32))
+        self._at_image_size[image_size] = other
         return other
 
     def _split(self, index: pd.DataFrame) -> dict[str, np.ndarray]:

@@ -36,6 +36,7 @@ def test_with_image_size_serves_the_same_split_at_the_teachers_resolution(aptos_
     dm.setup()
     teachers = dm.with_image_size(96)
     assert dm.with_image_size(64) is dm
+    assert dm.with_image_size(96) is teachers  # prepared once: the teacher stage and its soft targets share it
     for split in ("train", "val", "test"):
         assert teachers.datasets[split].paths == dm.datasets[split].paths
         assert (teachers.datasets[split].labels == dm.datasets[split].labels).all()
