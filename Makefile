@@ -50,7 +50,7 @@ report: $(INSTALLED) ## HTML + Markdown report of the latest (or chosen) runs fr
 predict: $(INSTALLED) ## Grade / segment a folder with a run's ONNX model (ARGS="model=<run id|run or stage folder> input=<folder> [output=… precision=int8|fp32 gradcam=true overwrite=true]")
 	$(BIN)/python -m experiments.predict $(ARGS)
 
-evaluate: $(INSTALLED) ## Score a grading model on any labelled set, every image (ARGS="model=<run|stage|bundle|run id> data=aptos|eyepacs data.root=<dir> [precision=fp32]")
+evaluate: $(INSTALLED) ## Score a model on any labelled set, every image (ARGS="model=<run|stage|bundle|run id> data=aptos|eyepacs|disc_folder data.root=<dir> [precision=fp32]")
 	$(BIN)/python -m experiments.evaluate $(ARGS)
 
 test: $(INSTALLED) ## Fast test suite (no slow or browser tests), the CI command

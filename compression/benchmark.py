@@ -54,6 +54,7 @@ from compression.quantization import (
     quantize_onnx_static,
 )
 from compression.weight_sharing import share_weights
+from datamodules.fundus import SquareCrop, mask_on_source
 from lightning_modules.profiling import count_macs, count_parameters, measure_latency, state_dict_size_bytes
 from lightning_modules.seg_metrics import binarize, overlap_scores
 
@@ -73,6 +74,8 @@ PACKED_SUFFIX = ".rcws"
 
 #: (forward inputs, target): a batch of images (and features) with their masks or grades
 EvalBatch = tuple[tuple[Tensor, ...], Tensor]
+#: a segmentation evaluation image's original mask (H0, W0) and the box its network input was cut from
+SourceMask = tuple[np.ndarray, SquareCrop]
 
 
 # ------------------------------------------------------------------------------------------ the machine
@@ -140,12 +143,15 @@ def torch_threads(threads: int) -> Iterator[None]:
 
 # ---------------------------------------------------------------------------------------------- quality
 def segmentation_quality(logits: Tensor, masks: Tensor, reference_logits: Tensor | None = None,
-                         threshold: float = 0.5) -> dict[str, float]:
+                         threshold: float = 0.5, sources: Sequence[SourceMask] | None = None) -> dict[str, float]:
     """Dice of (B, 1, H, W) ``logits`` at probability ``threshold`` against 0/1 ``masks``.
 
     ``dice``: pooled over every pixel of every image; ``dice_per_image``: the mean of the images' Dice (the
     suite's empty-mask conventions, ``lightning_modules.seg_metrics``); with ``reference_logits`` (the fp32
-    eager model's) also ``agreement``: the pooled Dice of these masks against the reference's masks.
+    eager model's) also ``agreement``: the pooled Dice of these masks against the reference's masks (at the
+    network's resolution). With ``sources`` (one ``(original mask, crop box)`` per image, in order) ``dice`` and
+    ``dice_per_image`` are scored at each photograph's own size (``datamodules.fundus.mask_on_source``), as the
+    training run's ``test/*`` are, and the network-resolution scores become ``dice_net`` / ``dice_per_image_net``.
     """
     predicted = binarize(logits.float(), threshold).reshape(len(logits), -1)
     target = (masks.reshape(len(masks), -1) > 0.5)
@@ -153,10 +159,27 @@ def segmentation_quality(logits: Tensor, masks: Tensor, reference_logits: Tensor
         raise ValueError(f"logits {tuple(logits.shape)} and masks {tuple(masks.shape)} hold different numbers "
                          "of pixels: score the masks at the resolution the model predicts")
     results = _dice_scores(predicted, target)
+    if sources is not None:
+        results = {f"{name}_net": value for name, value in results.items()} | _source_dice_scores(
+            logits, sources, threshold)
     if reference_logits is not None:
         reference = binarize(reference_logits.float(), threshold).reshape(len(reference_logits), -1)
         results["agreement"] = _dice_scores(predicted, reference)["dice"]
     return results
+
+
+def _source_dice_scores(logits: Tensor, sources: Sequence[SourceMask], threshold: float) -> dict[str, float]:
+    if len(sources) != len(logits):
+        raise ValueError(f"{len(sources)} source masks for {len(logits)} predictions")
+    probabilities = torch.sigmoid(logits.float())[:, 0].numpy()
+    counts = []
+    for probability, (mask, crop) in zip(probabilities, sources, strict=True):
+        predicted, target = mask_on_source(probability, crop, threshold), np.asarray(mask) > 0
+        counts.append([(predicted & target).sum(), (predicted & ~target).sum(), (~predicted & target).sum(),
+                       (~predicted & ~target).sum()])
+    tp, fp, fn, tn = torch.tensor(counts, dtype=torch.int64).T
+    return {"dice": float(overlap_scores(tp.sum(), fp.sum(), fn.sum(), tn.sum())["dice"]),
+            "dice_per_image": float(overlap_scores(tp, fp, fn, tn)["dice"].mean())}
 
 
 def _dice_scores(predicted: Tensor, target: Tensor) -> dict[str, float]:
@@ -183,10 +206,10 @@ def grading_quality(logits: Tensor, labels: Tensor, reference_logits: Tensor | N
 
 
 def task_quality(task: str, outputs: Tensor, targets: Tensor, reference_outputs: Tensor | None = None,
-                 threshold: float = 0.5) -> dict[str, float]:
+                 threshold: float = 0.5, sources: Sequence[SourceMask] | None = None) -> dict[str, float]:
     """:func:`segmentation_quality` or :func:`grading_quality`, plus ``quality``: the task's headline metric."""
     if task == SEGMENTATION:
-        results = segmentation_quality(outputs, targets, reference_outputs, threshold)
+        results = segmentation_quality(outputs, targets, reference_outputs, threshold, sources)
     elif task == GRADING:
         results = grading_quality(outputs, targets, reference_outputs)
     else:
@@ -272,6 +295,7 @@ def benchmark_backends(
     calibration_images: int = DEFAULT_CALIBRATION_IMAGES,
     dynamic_spatial: bool = False,
     exporter: Exporter = "auto",
+    sources: Sequence[SourceMask] | None = None,
 ) -> list[dict[str, Any]]:
     """Latency, sizes and quality of ``net`` on every backend of ``backends`` (see the module docstring),
     plus a ``weight_shared`` row unless ``weight_sharing_k`` is None.
@@ -298,6 +322,8 @@ def benchmark_backends(
         calibration_images: the number of calibration images for int8.
         dynamic_spatial: export with symbolic height and width (``export_onnx``), for quality measured at
             another image size than the latency.
+        sources: segmentation: each evaluation image's original mask and crop box, in ``eval_batches`` order;
+            the Dice is then scored at the photographs' own size (:func:`segmentation_quality`).
         exporter: the ONNX exporter (``export_onnx``).
 
     Returns:
@@ -378,7 +404,7 @@ def benchmark_backends(
                 if eval_batches is not None:
                     outputs, targets = predict_all(runner.predict, eval_batches)
                     row |= task_quality(task, outputs, targets, outputs if reference is None else reference,
-                                        threshold)
+                                        threshold, sources)
                     if backend == "eager":
                         reference, eager_quality = outputs, row["quality"]
                     row["quality_delta"] = row["quality"] - eager_quality
@@ -392,7 +418,7 @@ def benchmark_backends(
                 rows.append(common | row)
         if weight_sharing_k is not None:
             shared_row = _weight_shared_row(net, paths["shared"], weight_sharing_k, architecture, eval_batches,
-                                            task, threshold, reference, eager_quality)
+                                            task, threshold, reference, eager_quality, sources)
             rows.append(common | shared_row)
             if not shared_row["error"]:
                 written["shared"] = paths["shared"]
@@ -403,7 +429,8 @@ def benchmark_backends(
 
 def _weight_shared_row(net: nn.Module, path: Path, k: int, architecture: Mapping[str, Any] | None,
                        eval_batches: Iterable[EvalBatch] | None, task: str | None, threshold: float,
-                       reference: Tensor | None, eager_quality: float) -> dict[str, Any]:
+                       reference: Tensor | None, eager_quality: float,
+                       sources: Sequence[SourceMask] | None = None) -> dict[str, Any]:
     row: dict[str, Any] = {"backend": WEIGHT_SHARED, "error": ""}
     try:
         shared = copy.deepcopy(net)  # sharing parametrizes the layers in place
@@ -414,7 +441,7 @@ def _weight_shared_row(net: nn.Module, path: Path, k: int, architecture: Mapping
         if eval_batches is not None:
             runner = _torch_runner(shared.eval(), row["file_bytes"])
             outputs, targets = predict_all(runner.predict, eval_batches)
-            row |= task_quality(task, outputs, targets, reference, threshold)
+            row |= task_quality(task, outputs, targets, reference, threshold, sources)
             row["quality_delta"] = row["quality"] - eager_quality
     except Exception as error:  # e.g. a network without a layer worth sharing
         row["error"] = _describe(error)

@@ -47,7 +47,7 @@ import onnxruntime as ort
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from scipy.special import softmax
+from scipy.special import expit, softmax
 from torch import Tensor, nn
 
 from compression.export import Exporter, export_onnx, onnx_parity, ort_session, run_session
@@ -59,7 +59,14 @@ from compression.quantization import (
     quantize_onnx_static,
 )
 from datamodules.dr import GRADING_TASK, grading_network_inputs, grading_preprocessing_from_spec
-from datamodules.optic_disc import DISC_TASK, disc_network_input, disc_preprocessing_from_spec
+from datamodules.fundus import mask_on_source
+from datamodules.optic_disc import (
+    DISC_TASK,
+    coarse_to_fine_from_spec,
+    coarse_to_fine_mask,
+    disc_network_input,
+    disc_preprocessing_from_spec,
+)
 from datamodules.photograph import PhotographCheck, read_photograph
 
 log = logging.getLogger(__name__)
@@ -465,6 +472,9 @@ class DiscPrediction:
     inputs: tuple[Tensor, ...]
     latency_ms: float
     model_ms: float
+    #: with a two-pass bundle: what the first pass found (``datamodules.disc_crops``: "found", or "no disc
+    #: found" / "several disc candidates", when the whole-photograph mask was kept); "" for one pass
+    first_pass: str = ""
 
     @property
     def area_fraction(self) -> float:
@@ -491,6 +501,7 @@ class Predictor:
                 self._imager = imager if "topo" in bundle.input_names else None
             else:
                 self._disc = disc_preprocessing_from_spec(spec)
+                self._coarse_to_fine = coarse_to_fine_from_spec(spec)
             self.photograph_check = PhotographCheck.from_spec(spec)
         except (KeyError, TypeError, ValueError) as error:
             message = f"bundle {str(bundle.folder)!r}: its preprocessing spec cannot be used ({error})"
@@ -527,12 +538,26 @@ class Predictor:
     def _segment(self, image: np.ndarray, started: float) -> DiscPrediction:
         tensor, _, crop = disc_network_input(image, self._disc)
         logits, model_ms = self._run((tensor,))
-        threshold = self.bundle.threshold
-        # sigmoid(x) > t  <=>  x > logit(t): no sigmoid over every pixel
-        square = (logits[0, 0] > np.log(threshold / (1.0 - threshold))).astype(np.uint8)
-        mask = crop.to_source(square) * np.uint8(255)
+        # the probabilities are scaled to the photograph and thresholded there: a smooth boundary at any size
+        probability = expit(logits[0, 0].astype(np.float32))
+        threshold, first_pass = self.bundle.threshold, ""
+        if self._coarse_to_fine.enabled:
+            second_ms = []
+
+            def second_pass(crop_tensor: Tensor) -> np.ndarray:
+                crop_logits, milliseconds = self._run((crop_tensor,))
+                second_ms.append(milliseconds)
+                return expit(crop_logits[0, 0].astype(np.float32))
+
+            found, search = coarse_to_fine_mask(image, probability, crop, self._disc, self._coarse_to_fine,
+                                                threshold, second_pass)
+            model_ms += sum(second_ms)
+            first_pass = search.status
+        else:
+            found = mask_on_source(probability, crop, threshold)
+        mask = found.astype(np.uint8) * np.uint8(255)
         latency_ms = (time.perf_counter() - started) * 1e3
-        return DiscPrediction(mask, disc_overlay(image, mask), (tensor,), latency_ms, model_ms)
+        return DiscPrediction(mask, disc_overlay(image, mask), (tensor,), latency_ms, model_ms, first_pass)
 
 
 def disc_overlay(image_rgb: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int] = (0, 255, 0),

@@ -47,10 +47,9 @@ def _images_by_stem(folder: Path) -> dict[str, list[Path]]:
     return by_stem
 
 
-def _duplicate_problems(by_stem: dict[str, list[Path]], kind: str) -> list[str]:
+def _duplicate_problems(by_stem: dict[str, list[Path]], kind: str) -> list[tuple[list[Path], str]]:
     return [
-        f"{paths[0].parent}: {len(paths)} {kind}s share the stem '{stem}' ({', '.join(p.name for p in paths)}); "
-        f"keep one of them"
+        (paths, f"{len(paths)} {kind}s share the stem '{stem}' ({', '.join(p.name for p in paths)}); keep one of them")
         for stem, paths in by_stem.items()
         if len(paths) > 1
     ]
@@ -61,6 +60,24 @@ def read_disc_folder_index(root: str | Path) -> pd.DataFrame:
 
     Raises one DataValidationError listing every layout problem (missing folders, an image without a
     mask or a mask without an image, two files with one stem), so a large folder is fixed in one pass.
+    """
+    root = Path(root).expanduser()
+    index, unpaired = disc_folder_pairs(root)
+    if unpaired:
+        raise DataValidationError(
+            f"{len(unpaired)} problem(s) in the optic-disc folder {root}",
+            [f"{path}: {reason}" for path, reason in unpaired],
+            fix="every image in images/ needs exactly one mask with the same file stem in masks/, and vice versa.",
+        )
+    return index
+
+
+def disc_folder_pairs(root: str | Path) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
+    """The pairs of ``root/images/*`` and ``root/masks/*`` that match one to one by stem, and (path, reason) of
+    every file that does not (an image without a mask, a mask without an image, two files with one stem).
+
+    Raises DataValidationError only when the folder is no disc folder at all (missing ``images/`` or
+    ``masks/``, no image): ``make evaluate`` scores the pairs and lists the rest.
     """
     root = Path(root).expanduser()
     if not root.is_dir():
@@ -74,20 +91,20 @@ def read_disc_folder_index(root: str | Path) -> pd.DataFrame:
             fix="put the photographs in images/ and the disc masks (same file stem) in masks/ under data.root.",
         )
     images, masks = _images_by_stem(images_dir), _images_by_stem(masks_dir)
-    problems = _duplicate_problems(images, "image") + _duplicate_problems(masks, "mask")
     if not images:
-        problems.append(f"{images_dir} holds no image ({', '.join(IMAGE_SUFFIXES)})")
-    for stem in sorted(images.keys() - masks.keys()):
-        problems.append(f"{images[stem][0]}: no mask '{stem}.*' in {masks_dir} (add it, or remove the image)")
-    for stem in sorted(masks.keys() - images.keys()):
-        problems.append(f"{masks[stem][0]}: no image '{stem}.*' in {images_dir} (add it, or remove the mask)")
-    if problems:
-        raise DataValidationError(
-            f"{len(problems)} problem(s) in the optic-disc folder {root}", problems,
-            fix="every image in images/ needs exactly one mask with the same file stem in masks/, and vice versa.",
-        )
-    rows = [(stem, str(images[stem][0]), str(masks[stem][0])) for stem in sorted(images)]
-    return pd.DataFrame(rows, columns=INDEX_COLUMNS)
+        raise DataValidationError(f"{root} is not an optic-disc folder",
+                                  [f"{images_dir} holds no image ({', '.join(IMAGE_SUFFIXES)})"],
+                                  fix="put the photographs in images/ and their disc masks in masks/.")
+    unpaired = [(str(paths[0].parent), problem) for paths, problem in
+                _duplicate_problems(images, "image") + _duplicate_problems(masks, "mask")]
+    unpaired += [(str(images[stem][0]), f"no mask '{stem}.*' in {masks_dir} (add it, or remove the image)")
+                 for stem in sorted(images.keys() - masks.keys())]
+    unpaired += [(str(masks[stem][0]), f"no image '{stem}.*' in {images_dir} (add it, or remove the mask)")
+                 for stem in sorted(masks.keys() - images.keys())]
+    ambiguous = {stem for by_stem in (images, masks) for stem, paths in by_stem.items() if len(paths) > 1}
+    paired = sorted((images.keys() & masks.keys()) - ambiguous)
+    rows = [(stem, str(images[stem][0]), str(masks[stem][0])) for stem in paired]
+    return pd.DataFrame(rows, columns=INDEX_COLUMNS), unpaired
 
 
 def binarize_mask(grey: np.ndarray, threshold: float = 0.5) -> np.ndarray:
@@ -112,15 +129,26 @@ def load_disc_pair(
     (unless ``resize_masks``, then nearest-neighbour resized) or with no foreground.
     """
     image = read_photograph(image_path, check)
+    return image, read_disc_mask(mask_path, image.shape[:2], mask_threshold, resize_masks, Path(image_path).name)
+
+
+def read_disc_mask(mask_path: str | Path, image_shape: tuple[int, int], mask_threshold: float = 0.5,
+                   resize_masks: bool = False, image_name: str = "its image") -> np.ndarray:
+    """The uint8 0/1 disc mask of an image of ``image_shape`` (rows, columns), thresholded as in training.
+
+    Raises UnreadableImageError for a file that cannot be decoded and InvalidMaskError for a mask of another size
+    (unless ``resize_masks``, then nearest-neighbour resized) or with no foreground.
+    """
     grey = read_grey(mask_path)
-    if grey.shape != image.shape[:2]:
+    height, width = image_shape
+    if grey.shape != (height, width):
         if not resize_masks:
             raise InvalidMaskError(
-                f"{mask_path}: mask is {grey.shape[1]}x{grey.shape[0]} px but its image {Path(image_path).name} is "
-                f"{image.shape[1]}x{image.shape[0]} (export the mask at the image's size, or set "
+                f"{mask_path}: mask is {grey.shape[1]}x{grey.shape[0]} px but its image {image_name} is "
+                f"{width}x{height} (export the mask at the image's size, or set "
                 f"data.resize_masks=true to resize it with nearest neighbour)"
             )
-        grey = cv2.resize(grey, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_NEAREST_EXACT)
+        grey = cv2.resize(grey, (width, height), interpolation=cv2.INTER_NEAREST_EXACT)
     mask = binarize_mask(grey, mask_threshold)
     if not mask.any():
         hint = " (its values are 0-1: save it as 0/255)" if grey.max() == 1 else ""
@@ -128,7 +156,7 @@ def load_disc_pair(
             f"{mask_path}: no disc pixel >= {mask_threshold} x 255 (max value {int(grey.max())}){hint}; "
             f"fix or remove the mask, or lower data.mask_threshold"
         )
-    return image, mask
+    return mask
 
 
 def read_stems(path: str | Path) -> list[str]:

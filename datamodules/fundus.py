@@ -112,11 +112,22 @@ class SquareCrop:
         cropped = image[self.top : self.bottom, self.left : self.right]
         return cv2.copyMakeBorder(cropped, *self.padding, cv2.BORDER_CONSTANT, value=0)
 
-    def to_source(self, mask: np.ndarray) -> np.ndarray:
-        """A square mask (any resolution) mapped back onto the source image (nearest neighbour, 0 outside)."""
+    def as_tuple(self) -> tuple[int, int, int, int, int, int]:
+        """(top, bottom, left, right, source_height, source_width): ``SquareCrop(*box.as_tuple())`` rebuilds it,
+        so a box can travel in a batch as six integers."""
+        return self.top, self.bottom, self.left, self.right, self.source_height, self.source_width
+
+    def to_source(self, mask: np.ndarray, *, smooth: bool = False) -> np.ndarray:
+        """A square map (any resolution) mapped back onto the source image (0 outside the box).
+
+        ``smooth=False`` resizes with nearest neighbour, for a 0/1 mask. ``smooth=True`` interpolates
+        bilinearly, for a float probability map that is thresholded afterwards: a mask predicted at 128 px
+        and scaled to a 2000 px photograph then has a smooth boundary instead of 16-pixel stairs.
+        """
         if mask.ndim != 2 or mask.shape[0] != mask.shape[1]:
             raise ValueError(f"to_source expects a square 2-D mask, got shape {mask.shape}")
-        square = cv2.resize(mask, (self.side, self.side), interpolation=cv2.INTER_NEAREST_EXACT)
+        interpolation = cv2.INTER_LINEAR if smooth else cv2.INTER_NEAREST_EXACT
+        square = cv2.resize(mask, (self.side, self.side), interpolation=interpolation)
         pad_top, _, pad_left, _ = self.padding
         height, width = self.bottom - self.top, self.right - self.left
         source = np.zeros((self.source_height, self.source_width), dtype=mask.dtype)
@@ -124,6 +135,15 @@ class SquareCrop:
             pad_top : pad_top + height, pad_left : pad_left + width
         ]
         return source
+
+
+def mask_on_source(probability: np.ndarray, crop: SquareCrop, threshold: float) -> np.ndarray:
+    """A square probability map (any resolution) as a bool mask of the photograph ``crop`` was cut from.
+
+    The probabilities are interpolated bilinearly to the photograph's scale and thresholded there (strictly
+    greater, as ``lightning_modules.seg_metrics.binarize``), which is how the clinic's mask is drawn.
+    """
+    return crop.to_source(np.asarray(probability, dtype=np.float32), smooth=True) > threshold
 
 
 def retina_square_crop(image: np.ndarray, threshold: int = RETINA_THRESHOLD) -> SquareCrop:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -15,8 +16,17 @@ import pandas as pd
 import torch
 from albumentations.pytorch import ToTensorV2
 from lightning import LightningDataModule
-from torch.utils.data import DataLoader, Dataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_info
 
+from datamodules.disc_crops import (
+    CoarseToFine,
+    DiscSearch,
+    disc_region,
+    find_disc,
+    jittered_crop,
+    mask_disc,
+    second_pass_box,
+)
 from datamodules.disc_index import (
     HARD_CASES_FILE,
     InvalidMaskError,
@@ -39,6 +49,7 @@ from datamodules.fundus import (
     drop_unusable,
     failures_in_threads,
     load_npy_checked,
+    mask_on_source,
     resize_square,
     retina_square_crop,
     source_key,
@@ -52,6 +63,8 @@ log = logging.getLogger(__name__)
 FORMATS = ("synthetic_disc", "disc_folder")
 # Bumped whenever DiscPreprocessing changes what it writes, so stale cache entries are ignored.
 DISC_PREPROCESS_VERSION = 1
+# Bumped whenever disc_crops.disc_region changes what it writes.
+REGION_VERSION = 1
 SYNTHETIC_BANNER = synthetic_data_banner("data=disc_folder data.root=<folder with images/ and masks/>")
 
 
@@ -86,14 +99,25 @@ class DiscPreprocessing:
                 f"-he{int(self.equalize_hist)}-clahe{int(self.clahe)}-c{self.clahe_clip_limit}-t{self.clahe_tile_grid}"
                 f"-thr{self.mask_threshold}-rm{int(self.resize_masks)}")
 
+    def crop_of(self, image_rgb: np.ndarray) -> SquareCrop:
+        """The square box of the photograph the network sees (the retina's, or the whole image padded)."""
+        return retina_square_crop(image_rgb) if self.crop_to_retina else SquareCrop.whole(image_rgb.shape)
+
     def preprocess_image(self, image_rgb: np.ndarray) -> tuple[np.ndarray, SquareCrop]:
         """Crop (retina box, padded square), resize, CLAHE: the model's input and where it came from."""
-        crop = retina_square_crop(image_rgb) if self.crop_to_retina else SquareCrop.whole(image_rgb.shape)
-        image = resize_square(crop.apply(image_rgb), self.image_size)
+        crop = self.crop_of(image_rgb)
+        return self.preprocess_box(image_rgb, crop), crop
+
+    def preprocess_box(self, image_rgb: np.ndarray, box: SquareCrop) -> np.ndarray:
+        """The network input of any square ``box`` of the photograph (the retina's, or a crop around the disc)."""
+        return self.enhance(resize_square(box.apply(image_rgb), self.image_size))
+
+    def enhance(self, image: np.ndarray) -> np.ndarray:
+        """The contrast step (CLAHE and/or histogram equalisation of L in LAB) of an image at the network's size."""
         if self.clahe or self.equalize_hist:
             clip_limit = self.clahe_clip_limit if self.clahe else None
             image = clahe_lab(image, clip_limit, self.clahe_tile_grid, self.equalize_hist)
-        return np.ascontiguousarray(image), crop
+        return np.ascontiguousarray(image)
 
     def __call__(self, image_rgb: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """A pair: the mask is cut with the image's crop box and resized with nearest neighbour (stays 0/1)."""
@@ -109,11 +133,19 @@ class DiscPreprocessing:
 DISC_TASK = "disc"
 
 
-def disc_spec(preprocessing: DiscPreprocessing, require_field_of_view: bool = True) -> dict[str, Any]:
-    """Plain (JSON) values that rebuild ``preprocessing`` (:func:`disc_preprocessing_from_spec`), and the
-    photograph check's ``require_field_of_view``, so that prediction refuses what training refused."""
+def disc_spec(preprocessing: DiscPreprocessing, require_field_of_view: bool = True,
+              coarse_to_fine: CoarseToFine | None = None) -> dict[str, Any]:
+    """Plain (JSON) values that rebuild ``preprocessing`` (:func:`disc_preprocessing_from_spec`), the
+    photograph check's ``require_field_of_view``, so that prediction refuses what training refused, and the
+    two-pass settings (``coarse_to_fine``, :func:`coarse_to_fine_from_spec`)."""
     return {"task": DISC_TASK, "preprocess_version": DISC_PREPROCESS_VERSION, **asdict(preprocessing),
-            "require_field_of_view": require_field_of_view}
+            "require_field_of_view": require_field_of_view,
+            "coarse_to_fine": (coarse_to_fine or CoarseToFine()).spec()}
+
+
+def coarse_to_fine_from_spec(spec: dict[str, Any]) -> CoarseToFine:
+    """The two-pass settings of :func:`disc_spec` (one pass for a bundle written before they existed)."""
+    return CoarseToFine.from_spec(spec.get("coarse_to_fine"))
 
 
 def disc_preprocessing_from_spec(spec: dict[str, Any]) -> DiscPreprocessing:
@@ -144,10 +176,36 @@ class PreprocessedPairCache:
     """
 
     def __init__(self, cache_dir: str | Path, preprocessing: DiscPreprocessing,
-                 check: PhotographCheck | None = None):
+                 check: PhotographCheck | None = None, region_context: float | None = None):
         self.check = check or PhotographCheck.for_image_size(preprocessing.image_size)
         self.root = Path(cache_dir) / "preprocessed_disc" / f"{preprocessing.key}-{self.check.key}"
         self.preprocessing = preprocessing
+        #: coarse-to-fine training: also cache each pair's disc region (``disc_crops.disc_region``), this many
+        #: disc diameters wide at twice the network's size, so crops down to half the region keep full detail
+        self.region_context = region_context
+        self.region_size = 2 * preprocessing.image_size
+
+    def _region_entry(self, image_path: Path, mask_path: Path) -> Path:
+        settings = f"{self.preprocessing.key}-region{REGION_VERSION}-s{self.region_size}-c{self.region_context:g}"
+        key = source_key(image_path, source_key(mask_path, settings))
+        return self.root / key[:2] / f"{key}.npy"
+
+    def load_region(self, image_path: str | Path, mask_path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+        """(raw RGB uint8, mask 0/1) of the pair's disc region (no contrast step: crops get it at their own
+        size, as the second pass does), decoding and caching on a miss."""
+        if self.region_context is None:
+            raise RuntimeError("this cache was made without region_context: no disc regions")
+        image_path, mask_path = Path(image_path), Path(mask_path)
+        entry = self._region_entry(image_path, mask_path)
+        size = self.region_size
+        cached = load_npy_checked(entry, (size, size, 4), np.dtype(np.uint8))
+        if cached is not None and cached[..., 3].max() <= 1:
+            return np.ascontiguousarray(cached[..., :3]), np.ascontiguousarray(cached[..., 3])
+        pair = load_disc_pair(image_path, mask_path, self.preprocessing.mask_threshold,
+                              self.preprocessing.resize_masks, self.check)
+        region, region_mask = disc_region(*pair, self.region_context, size)
+        atomic_save_npy(entry, np.dstack([region, region_mask]))
+        return region, region_mask
 
     def _entry(self, image_path: Path, mask_path: Path) -> Path:
         key = source_key(image_path, source_key(mask_path, self.preprocessing.key))
@@ -174,7 +232,12 @@ class PreprocessedPairCache:
 
     def warm(self, pairs: list[tuple[Path, Path]], num_threads: int = 2) -> list[tuple[int, str]]:
         """Decode, check and cache every pair before training; (position, message) of every unusable one."""
-        return failures_in_threads(lambda pair: self.load(*pair), pairs, num_threads,
+        def load_both(pair: tuple[Path, Path]) -> None:
+            self.load(*pair)
+            if self.region_context is not None:
+                self.load_region(*pair)
+
+        return failures_in_threads(load_both, pairs, num_threads,
                                    errors=(*UNUSABLE_PHOTOGRAPH_ERRORS, InvalidMaskError))
 
 
@@ -209,29 +272,117 @@ def reseed_augmentation_in_worker(worker_id: int) -> None:
         transform.set_random_seed(torch.initial_seed() % 2**32)
 
 
+#: batch keys of what test scoring at the photograph's own resolution needs (``with_source=True``)
+SOURCE_MASK_KEY = "source_mask"
+SOURCE_CROP_KEY = "source_crop"
+#: the photograph itself (``with_source_image=True``), for the coarse-to-fine second pass
+SOURCE_IMAGE_KEY = "source_image"
+#: batch entries that stay lists (one size per photograph)
+_LIST_KEYS = (SOURCE_MASK_KEY, SOURCE_IMAGE_KEY)
+
+
 class DiscSegmentationDataset(Dataset):
-    """Cached preprocessed pairs; items ``{"image" (3,H,W) float, "mask" (1,H,W) 0/1 float, "index", "hard"}``."""
+    """Cached preprocessed pairs; items ``{"image" (3,H,W) float, "mask" (1,H,W) 0/1 float, "index", "hard"}``.
+
+    Coarse-to-fine (``crops``, a :class:`datamodules.disc_crops.CoarseToFine` that is enabled): a training item
+    is, with probability ``crops.crop_fraction``, a crop around the pair's disc with jittered scale and position
+    (cut from the cached disc region, then contrast-enhanced at the network's size as the second pass's input
+    is) instead of the whole photograph. With ``centred_crops`` the dataset is twice as long: items ``n..2n-1``
+    are the un-jittered crops of pairs ``0..n-1`` (validation and calibration see both passes' inputs).
+    ``index`` is always the pair's number.
+
+    With ``with_source=True`` (the test sets) an item also carries the original mask at the photograph's own
+    size (``source_mask``, (H0, W0) uint8 0/1) and the box the network's square was cut from
+    (``source_crop``: ``SquareCrop.as_tuple()``), so a prediction can be scored where the clinic uses it; with
+    ``with_source_image`` also the photograph (``source_image``, (H0, W0, 3) uint8 RGB) for a second pass.
+    Batch such items with :func:`collate_disc_items` (they differ in size).
+    """
 
     def __init__(self, paths: list[str], mask_paths: list[str], hard: np.ndarray, cache: PreprocessedPairCache,
-                 transform: A.Compose):
+                 transform: A.Compose, with_source: bool = False, with_source_image: bool = False,
+                 crops: CoarseToFine | None = None, centred_crops: bool = False):
         self.paths = paths
         self.mask_paths = mask_paths
         self.hard = np.asarray(hard, dtype=bool)
         self.cache = cache
         self.transform = transform
+        self.with_source = with_source or with_source_image
+        self.with_source_image = with_source_image
+        self.crops = crops if crops is not None and crops.enabled else None
+        if centred_crops and self.crops is None:
+            raise ValueError("centred_crops needs enabled coarse-to-fine crop settings")
+        self.centred_crops = centred_crops
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.paths) * (2 if self.centred_crops else 1)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        image, mask = self.cache.load(self.paths[index], self.mask_paths[index])
+        pair = index % len(self.paths)
+        if self.centred_crops and index >= len(self.paths):
+            image, mask = self.crop(pair, rng=None)
+        elif self.crops is not None and not self.centred_crops and self.crops.crop_fraction > 0:
+            # the DataLoader seeds torch per worker and epoch: crops are reproducible and differ between workers
+            rng = np.random.default_rng(int(torch.randint(0, 2**62, ()).item()))
+            image, mask = self.crop(pair, rng) if rng.random() < self.crops.crop_fraction else \
+                self.cache.load(self.paths[pair], self.mask_paths[pair])
+        else:
+            image, mask = self.cache.load(self.paths[pair], self.mask_paths[pair])
         out = self.transform(image=image, mask=mask)
         return {
             "image": out["image"],
             "mask": out["mask"].unsqueeze(0).float(),
-            "index": torch.tensor(index, dtype=torch.int64),
-            "hard": torch.tensor(bool(self.hard[index])),
-        }
+            "index": torch.tensor(pair, dtype=torch.int64),
+            "hard": torch.tensor(bool(self.hard[pair])),
+        } | (self.source(pair) if self.with_source else {})
+
+    def crop(self, pair: int, rng: np.random.Generator | None) -> tuple[np.ndarray, np.ndarray]:
+        """A crop around pair ``pair``'s disc at the network's size, contrast-enhanced: jittered with ``rng``,
+        centred without."""
+        region, region_mask = self.cache.load_region(self.paths[pair], self.mask_paths[pair])
+        preprocessing = self.cache.preprocessing
+        image, mask = jittered_crop(region, region_mask, mask_disc(region_mask), self.crops,
+                                    preprocessing.image_size, rng or np.random.default_rng(0), jitter=rng is not None)
+        return preprocessing.enhance(image), mask
+
+    def source(self, index: int) -> dict[str, torch.Tensor]:
+        """The original mask and the crop box of pair ``index`` (and the photograph with ``with_source_image``):
+        the photograph is decoded again (the cache holds only the network's square), which only the small test
+        sets pay for."""
+        preprocessing = self.cache.preprocessing
+        image, mask = load_disc_pair(self.paths[index], self.mask_paths[index], preprocessing.mask_threshold,
+                                     preprocessing.resize_masks, self.cache.check)
+        item = {SOURCE_MASK_KEY: torch.from_numpy(np.ascontiguousarray(mask)),
+                SOURCE_CROP_KEY: torch.tensor(preprocessing.crop_of(image).as_tuple(), dtype=torch.int64)}
+        if self.with_source_image:
+            item[SOURCE_IMAGE_KEY] = torch.from_numpy(np.ascontiguousarray(image))
+        return item
+
+
+def collate_disc_items(items: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
+    """``default_collate``, except that the source masks and photographs (one size each) stay lists."""
+    lists = {}
+    for key in _LIST_KEYS:
+        values = [item.pop(key) for item in items if key in item]
+        if values and len(values) != len(items):
+            raise ValueError(f"a batch mixes items with and without {key}")
+        if values:
+            lists[key] = values
+    return default_collate(items) | lists
+
+
+def coarse_to_fine_mask(image_rgb: np.ndarray, first_probability: np.ndarray, first_crop: SquareCrop,
+                        preprocessing: DiscPreprocessing, settings: CoarseToFine, threshold: float,
+                        run: Callable[[torch.Tensor], np.ndarray]) -> tuple[np.ndarray, DiscSearch]:
+    """The photograph's disc mask (bool, its own size) from the first pass's square probability map: a second
+    pass (``run``: the network on a (1, 3, S, S) input, returning its (S, S) probabilities) on the crop around
+    the disc the first pass found, pasted back; the first pass's own mask when it found no disc, or several
+    (the returned search says which)."""
+    search = find_disc(first_probability, first_crop, threshold, settings.min_blob_fraction)
+    if not search.found:
+        return mask_on_source(first_probability, first_crop, threshold), search
+    box = second_pass_box(search, settings, image_rgb.shape)
+    tensor = evaluation_transform()(image=preprocessing.preprocess_box(image_rgb, box))["image"].unsqueeze(0)
+    return mask_on_source(run(tensor), box, threshold), search
 
 
 class DiscDataModule(LightningDataModule):
@@ -268,6 +419,7 @@ class DiscDataModule(LightningDataModule):
         synthetic_num_images: int = 200,
         synthetic_raw_size: int = 320,
         synthetic_seed: int = 0,
+        coarse_to_fine: dict[str, Any] | None = None,
     ):
         super().__init__()
         if format not in FORMATS:
@@ -299,7 +451,11 @@ class DiscDataModule(LightningDataModule):
         )
         self.skip_unusable = skip_unusable
         self.photograph_check = PhotographCheck.for_image_size(image_size, require_field_of_view)
-        self.pair_cache = PreprocessedPairCache(self.cache_dir, self.preprocessing, self.photograph_check)
+        self.coarse_to_fine = CoarseToFine.from_config(coarse_to_fine)
+        # the disc regions hold the widest jittered training crop, with a margin
+        context = 1.1 * self.coarse_to_fine.largest_crop_scale if self.coarse_to_fine.enabled else None
+        self.pair_cache = PreprocessedPairCache(self.cache_dir, self.preprocessing, self.photograph_check,
+                                                region_context=context)
         self.index: pd.DataFrame | None = None
         #: sample_id, path, reason of the pairs data.skip_unusable=true left out (empty: none)
         self.skipped = pd.DataFrame(columns=SKIPPED_COLUMNS)
@@ -429,11 +585,14 @@ class DiscDataModule(LightningDataModule):
         self.index, self.hard, self.split_indices = index, hard, splits
         eval_tf = evaluation_transform()
         train_tf = disc_training_transform(self.seed) if self.augment else eval_tf
+        crops = self.coarse_to_fine if self.coarse_to_fine.enabled else None
         for name in SPLITS:
             idx = splits[name]
+            # training mixes whole photographs and jittered disc crops; validation scores both passes' inputs
             self.datasets[name] = DiscSegmentationDataset(
                 index["image_path"].iloc[idx].tolist(), index["mask_path"].iloc[idx].tolist(), hard[idx],
-                self.pair_cache, train_tf if name == "train" else eval_tf,
+                self.pair_cache, train_tf if name == "train" else eval_tf, crops=crops,
+                centred_crops=crops is not None and name == "val",
             )
         sizes = {name: f"{len(idx)} ({int(hard[idx].sum())} hard)" for name, idx in splits.items()}
         log.info("Optic-disc data (%s, %d pairs, fold %d of %d): %s", self.format, len(index), self.fold,
@@ -458,8 +617,9 @@ class DiscDataModule(LightningDataModule):
         return self.preprocessing.preprocess_image(image_rgb)
 
     def inference_spec(self) -> dict[str, Any]:
-        """What a deployment bundle needs to prepare a photograph as this module does (:func:`disc_spec`)."""
-        return disc_spec(self.preprocessing, self.photograph_check.require_field_of_view)
+        """What a deployment bundle needs to prepare a photograph as this module does (:func:`disc_spec`),
+        including the coarse-to-fine settings."""
+        return disc_spec(self.preprocessing, self.photograph_check.require_field_of_view, self.coarse_to_fine)
 
     def inference_inputs(self, path: str | Path) -> tuple[torch.Tensor]:
         """The clinic's per-image path, uncached: decode, crop, resize, CLAHE, normalise -> ((1,3,H,W),)."""
@@ -471,8 +631,15 @@ class DiscDataModule(LightningDataModule):
         return DataLoader(
             self.datasets[split], batch_size=self.batch_size, shuffle=shuffle, generator=generator,
             num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-            worker_init_fn=reseed_augmentation_in_worker, drop_last=False,
+            worker_init_fn=reseed_augmentation_in_worker, drop_last=False, collate_fn=collate_disc_items,
         )
+
+    def source_test_dataset(self, dataset: DiscSegmentationDataset) -> DiscSegmentationDataset:
+        """``dataset``'s pairs, un-augmented, with their original masks and crop boxes: what every test score
+        is computed on at the photograph's own resolution."""
+        return DiscSegmentationDataset(dataset.paths, dataset.mask_paths, dataset.hard, self.pair_cache,
+                                       evaluation_transform(), with_source=True,
+                                       with_source_image=self.coarse_to_fine.enabled)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
@@ -485,8 +652,10 @@ class DiscDataModule(LightningDataModule):
         re-estimated on (the inference distribution, not the augmented one)."""
         self._require_setup()
         train = self.datasets["train"]
+        # with two passes the int8 ranges must also cover the second pass's disc crops
+        crops = self.coarse_to_fine if self.coarse_to_fine.enabled else None
         dataset = DiscSegmentationDataset(train.paths, train.mask_paths, train.hard, self.pair_cache,
-                                          evaluation_transform())
+                                          evaluation_transform(), crops=crops, centred_crops=crops is not None)
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=True,
                           generator=torch.Generator().manual_seed(self.seed), num_workers=0)
 
@@ -500,12 +669,17 @@ class DiscDataModule(LightningDataModule):
         )
 
     def test_dataloader(self) -> DataLoader | list[DataLoader]:
-        """The test split; with known hard cases also the hard-case set (the module's dataloader 1)."""
-        test = self._loader("test")
+        """The test split; with known hard cases also the hard-case set (the module's dataloader 1). Both
+        carry the original masks, so the module scores at the photograph's resolution as well."""
+        self._require_setup()
+        test = self._source_loader(self.source_test_dataset(self.datasets["test"]))
         if not self.has_hard_cases:
             return test
-        hard = DataLoader(self.hard_case_dataset(), batch_size=self.batch_size, num_workers=self.num_workers)
-        return [test, hard]
+        return [test, self._source_loader(self.source_test_dataset(self.hard_case_dataset()))]
+
+    def _source_loader(self, dataset: DiscSegmentationDataset) -> DataLoader:
+        return DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers,
+                          collate_fn=collate_disc_items)
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader("test")

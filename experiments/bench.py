@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
@@ -41,6 +42,7 @@ from torch import Tensor, nn
 from compression.benchmark import (
     GRADING,
     SEGMENTATION,
+    SourceMask,
     add_ratios,
     artifact_paths,
     benchmark_backends,
@@ -52,11 +54,12 @@ from compression.benchmark import (
     pareto_plot,
     torch_threads,
 )
+from compression.deploy import PRECISIONS, Predictor, load_bundle
 from compression.export import as_ort_array, network_input_names, ort_session, quiet_onnx_tool_logs
 from compression.packed_format import vgg_unet_architecture
 from datamodules.dr import DRDataModule
-from datamodules.fundus import read_rgb
-from datamodules.optic_disc import DiscDataModule
+from datamodules.fundus import SquareCrop, read_rgb
+from datamodules.optic_disc import SOURCE_CROP_KEY, SOURCE_MASK_KEY, DiscDataModule, coarse_to_fine_from_spec
 from datamodules.topology import image_diagrams
 from experiments.chain_summary import ARMS, BASE_ARM, plan_chain
 from experiments.runner import RunContext, create_context, finishing, save_resolved_config
@@ -107,6 +110,8 @@ class Pipeline:
     run_dir: Path | None = None
     parent_run_id: str | None = None
     datamodule: Any = field(default=None, repr=False)
+    #: segmentation: each evaluation image's original mask and crop box (scores at the photograph's size)
+    sources: list[SourceMask] | None = field(default=None, repr=False)
 
 
 # ------------------------------------------------------------------------------------------ finding runs
@@ -253,8 +258,15 @@ def _disc_pipeline(cfg: DictConfig, mode: str, run_dir: Path | None) -> Pipeline
         calibration_batches=_take_images(datamodule.calibration_dataloader(), int(bench.calibration_images)),
         target_key="mask", dynamic_spatial=True, fingerprint=datamodule.fingerprint,
         synthetic=datamodule.is_synthetic, run_dir=run_dir, parent_run_id=state.get("parent_run_id"),
-        datamodule=datamodule,
+        datamodule=datamodule, sources=_source_masks(datamodule),
     )
+
+
+def _source_masks(datamodule: DiscDataModule) -> list[SourceMask]:
+    """Each test image's original mask and crop box, in the evaluation batches' order (the test split)."""
+    dataset = datamodule.source_test_dataset(datamodule.datasets["test"])
+    sources = (dataset.source(index) for index in range(len(dataset)))
+    return [(item[SOURCE_MASK_KEY].numpy(), SquareCrop(*item[SOURCE_CROP_KEY].tolist())) for item in sources]
 
 
 # ----------------------------------------------------------------------------------------------------- DR
@@ -336,6 +348,47 @@ def dr_pipeline(cfg: DictConfig, mode: str, run_dir: Path | None) -> Pipeline:
     )
 
 
+def _disc_clinic_rows(cfg: DictConfig, pipeline: Pipeline, threads: int) -> list[dict[str, Any]]:
+    """The clinic's whole path for one test photograph through each measured stage's deployment bundle: decode,
+    check, preprocess, the network (twice with coarse-to-fine: the whole photograph, then the crop around the
+    disc it found) and the mask pasted back at the photograph's size; ONNX Runtime fp32 and, where the bundle
+    has one, int8."""
+    if pipeline.run_dir is None:
+        return []
+    test_paths = list(pipeline.datamodule.datasets["test"].paths)
+    path = test_paths[0]
+    runs, rows = int(cfg.bench.pipeline_runs), []
+    for model in pipeline.models:
+        folder = pipeline.run_dir / model.name / "deploy"
+        if not (folder / "bundle.json").is_file():
+            continue
+        bundle = load_bundle(folder)
+        passes = "two passes" if coarse_to_fine_from_spec(bundle.preprocessing).enabled else "one pass"
+        for precision in PRECISIONS:
+            predictor = Predictor(bundle, precision, threads)
+            if predictor.precision != precision:
+                continue  # no int8 model in this bundle
+            latency = measure_latency(lambda predictor=predictor: predictor.predict_file(path), runs=runs, warmup=2)
+            rows.append({"model": f"full pipeline ({model.name}, {passes})", "backend": f"ort_{precision}",
+                         "latency_ms_median": latency.median_ms, "latency_ms_min": latency.min_ms,
+                         "latency_ms_max": latency.max_ms, "runs": latency.runs, "threads": threads, "error": "",
+                         **_clinic_dice(predictor, test_paths, pipeline.sources)})
+    return rows
+
+
+def _clinic_dice(predictor: Predictor, paths: list[str], sources: list[SourceMask] | None) -> dict[str, Any]:
+    """Pooled Dice at the photographs' size of the masks ``make predict`` draws (both passes included) over the
+    test split: the quality of what the clinic gets, which the per-backend rows measure on the network alone."""
+    if not sources:
+        return {}
+    counts = np.zeros(4, dtype=np.int64)
+    for path, (truth, _) in zip(paths, sources, strict=True):
+        predicted, target = predictor.predict_file(path).mask > 0, truth > 0
+        counts += [(predicted & target).sum(), (predicted & ~target).sum(), (~predicted & target).sum(), 0]
+    tp, fp, fn, _ = counts
+    return {"quality_metric": "dice", "quality": float(2 * tp / (2 * tp + fp + fn)) if tp + fp + fn else 1.0}
+
+
 def _dr_clinic_rows(cfg: DictConfig, pipeline: Pipeline, workdir: Path, threads: int) -> list[dict[str, Any]]:
     """The topological features alone and the clinic's whole path for one image file (decode, preprocess,
     topology, student), with the student in fp32 eager and, where it was quantized, ONNX Runtime int8."""
@@ -389,9 +442,12 @@ def measure_pipeline(cfg: DictConfig, pipeline: Pipeline, workdir: Path, threads
             weight_sharing_k=None if bench.weight_sharing_k is None else int(bench.weight_sharing_k),
             architecture=model.architecture, calibration_images=int(bench.calibration_images),
             dynamic_spatial=pipeline.dynamic_spatial, exporter=str(bench.exporter),
+            sources=None if model.eval_batches else pipeline.sources,
         )
     if pipeline.key == "dr":
         rows += _dr_clinic_rows(cfg, pipeline, workdir, threads)
+    if pipeline.key == "disc":
+        rows += _disc_clinic_rows(cfg, pipeline, threads)
     return [{"pipeline": pipeline.key, "source": pipeline.source} | row for row in rows]
 
 

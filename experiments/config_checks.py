@@ -201,6 +201,13 @@ DISC_SETTINGS = (
     _int("data.clahe_tile_grid", 1),
     _float("data.mask_threshold", 0, 1, open_low=True),
     _bool("data.resize_masks"),
+    _bool("data.coarse_to_fine.enabled"),
+    _float("data.coarse_to_fine.crop_scale", 1.2),
+    _float("data.coarse_to_fine.crop_fraction", 0, 1),
+    _float("data.coarse_to_fine.scale_jitter", 0, 1),
+    _float("data.coarse_to_fine.shift_jitter", 0, 1),
+    _float("data.coarse_to_fine.min_blob_fraction", 0, 1, open_low=True),
+    _bool("chain.coarse_to_fine"),
     _float("chain.target_dice", 0, 1, open_low=True),
     _int("chain.patience", 1),
     *(_int(f"chain.max_epochs.{arm}", 1, optional=True) for arm in ("base", "prune", "kd", "qat", "share", "compare")),
@@ -213,7 +220,8 @@ DISC_SETTINGS = (
 
 #: groups whose keys are fixed by the shipped config (a new key there is a typo): group -> its keys
 _CHAIN_KEYS = frozenset({"bases", "arms", "finishers", "finish_after", "compare", "target_dice", "patience",
-                         "max_epochs", "finetune", "qat", "share", "kd", "liminal_tolerance", "callbacks"})
+                         "max_epochs", "finetune", "qat", "share", "kd", "liminal_tolerance", "callbacks",
+                         "coarse_to_fine"})
 
 
 def check_settings(cfg: DictConfig, settings: Iterable[Setting]) -> list[str]:

@@ -1,24 +1,35 @@
-"""``make evaluate``: a trained grading model's deployment bundle scored on any labelled set.
+"""``make evaluate``: a trained model's deployment bundle scored on any labelled set, every image.
 
     python -m experiments.evaluate model=outputs/dr-distill/runs/<time> data=eyepacs data.root=/data/eyepacs
     python -m experiments.evaluate model=<MLflow run id> data=aptos data.root=/data/aptos precision=fp32
+    python -m experiments.evaluate model=outputs/glaucoma-iterations/runs/<time> data=disc_folder data.root=<dir>
 
-``model=`` is found as ``make predict`` finds it (``experiments.predict.resolve_bundle``); ``data=`` is given
-exactly as for training, and every image of the set is scored (no split), through the bundle's own
-preprocessing and the photograph check training applies (``compression.deploy.Predictor``). What cannot be
-scored is counted and listed with its reason, never fatal: label rows without their image (``missing``),
-images no row names (``unlabelled``), unusable photographs (``skipped``) and files that fail otherwise
-(``failed``). A label file with grades outside 0-4, or whose images are all missing, stops before any inference.
+``model=`` is found as ``make predict`` finds it (``experiments.predict.resolve_bundle``: a glaucoma-iterations
+run folder gives its liminal point); ``data=`` is given exactly as for training, and every image of the set is
+scored (no split), through the bundle's own preprocessing and the photograph check training applies
+(``compression.deploy.Predictor``). What cannot be scored is counted and listed with its reason, never fatal.
 
-Results go to a child run ``external-<dataset>`` of the model's parent MLflow run (beside its internal test
-split; a bundle whose run is not in the store gets a run of its own in the ``evaluate`` experiment):
-``test/qwk``, ``test/acc``, ``test/f1_macro``, ``test/f1_weighted``, ``test/recall_<g>``, ``test/ece``, the
-95% bootstrap intervals ``test/qwk_ci_low``/``_high`` and ``test/acc_ci_low``/``_high``, the counts
-``external/{scored,missing,unlabelled,skipped,failed}``, ``external/images_per_s``; the data fingerprint as a
-tag; artifacts: the per-image predictions (``predictions/<stage>-<precision>-<model hash>.csv``, the columns of a stage's
-``test_predictions.csv``), the files not scored with their reasons (``..._not_scored.csv``), the confusion matrix, reliability diagram
-and precision-recall curves. Exit status 0, or 2 (logged) for a wrong ``model=``/``data=`` or a model that is
-not a grading model.
+**Grading models** (``data=aptos|eyepacs|synthetic``): label rows without their image (``missing``), images no
+row names (``unlabelled``), unusable photographs (``skipped``) and files that fail otherwise (``failed``) are
+listed. A label file with grades outside 0-4, or whose images are all missing, stops before any inference.
+Metrics: ``test/qwk``, ``test/acc``, ``test/f1_macro``, ``test/f1_weighted``, ``test/recall_<g>``, ``test/ece``,
+the 95% bootstrap intervals ``test/qwk_ci_low``/``_high`` and ``test/acc_ci_low``/``_high``; artifacts: the
+per-image predictions (the columns of a stage's ``test_predictions.csv``), the confusion matrix, reliability
+diagram and precision-recall curves.
+
+**Optic-disc models** (``data=disc_folder|synthetic_disc``; ``experiments.evaluate_masks``): each mask is scored
+at its photograph's own size against the reference mask thresholded as in training: ``test/dice``, ``test/iou``,
+``test/hd95`` (photograph pixels), ``test/false_detections`` and every other ``test/*`` a disc stage logs, plus a
+bootstrap interval of the mean Dice (``test/dice_ci_low``/``_high``); files without a partner (``unpaired``),
+unusable photographs or masks (``skipped``) and failures (``failed``) are listed. Artifacts: the per-image scores
+and the ``worst_overlays`` lowest-Dice photographs (prediction green, reference magenta) under ``overlays/``.
+
+Both: a child run ``external-<dataset>`` of the model's parent MLflow run (beside its internal test split; a
+bundle whose run is not in the store gets a run of its own in the ``evaluate`` experiment) with the counts
+``external/{scored,...}``, ``external/images_per_s`` and the data fingerprint as a tag; the per-image table
+(``predictions/<stage>-<precision>-<model hash>.csv``) and the files not scored with their reasons
+(``..._not_scored.csv``). Exit status 0, or 2 (logged) for a wrong ``model=``/``data=``, a model and a set of
+different tasks, a damaged bundle or an unusable set.
 """
 
 from __future__ import annotations
@@ -28,9 +39,11 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import hydra
 import numpy as np
 import pandas as pd
@@ -49,11 +62,14 @@ from callbacks.confusion_matrix import plot_confusion_matrix
 from compression.benchmark import default_threads
 from compression.deploy import PRECISIONS, BundleError, Predictor, load_bundle
 from compression.export import quiet_onnx_tool_logs
+from datamodules.disc_index import disc_folder_pairs
 from datamodules.dr import GRADING_TASK, DRDataModule
 from datamodules.dr_index import NUM_GRADES, unlabelled_images
 from datamodules.errors import DataValidationError
 from datamodules.fundus import data_fingerprint
+from datamodules.optic_disc import DISC_TASK, DiscDataModule
 from datamodules.photograph import NotAFundusError, UnreadableImageError
+from experiments.evaluate_masks import NOT_SCORED_COLUMNS, mask_metrics, score_pairs
 from experiments.predict import PredictError, resolve_bundle, write_csv
 from experiments.report_data import grading_scores
 from experiments.stages import EXTERNAL_PREFIX
@@ -173,9 +189,11 @@ def run_evaluate(cfg: DictConfig) -> dict[str, float]:
     """Score ``cfg.model``'s bundle on ``cfg.data``; returns the logged metrics.
 
     Raises:
-        EvaluateError / experiments.predict.PredictError: a wrong ``model=`` or option, or not a grading model.
+        EvaluateError / experiments.predict.PredictError: a wrong ``model=`` or option, or a model and a set
+            of different tasks.
         compression.deploy.BundleError: the bundle is incomplete, damaged or of an old format.
-        datamodules.errors.DataValidationError: the label file is unusable (grades outside 0-4, no image).
+        datamodules.errors.DataValidationError: the set is unusable (grades outside 0-4, no image; not a disc
+            folder).
     """
     if not cfg.model:
         raise EvaluateError('model= is required, e.g. make evaluate ARGS="model=outputs/dr-distill/runs/<time> '
@@ -188,16 +206,32 @@ def run_evaluate(cfg: DictConfig) -> dict[str, float]:
     artifact_location = None if os.environ.get("MLFLOW_TRACKING_URI") else default_artifact_root(project_root)
     folder, found = resolve_bundle(str(cfg.model), Path(cfg.paths.cache_dir).resolve(), tracking_uri)
     bundle = load_bundle(folder)
-    if bundle.task != GRADING_TASK:
-        raise EvaluateError(f"model={cfg.model}: {found} is a {bundle.task!r} model; make evaluate scores grading "
-                            "models (a dr-distill run, stage or bundle)")
+    datamodule = instantiate(cfg.data)
+    store = _Store(tracking_uri, artifact_location)
+    if bundle.task == GRADING_TASK:
+        return _evaluate_grading(cfg, bundle, found, datamodule, store)
+    if bundle.task == DISC_TASK:
+        return _evaluate_masks(cfg, bundle, found, datamodule, store)
+    raise EvaluateError(f"model={cfg.model}: {found} is a {bundle.task!r} model; make evaluate scores grading "
+                        "(dr-distill) and optic-disc (glaucoma-iterations) models")
+
+
+@dataclass(frozen=True)
+class _Store:
+    """Where the result goes; the client is made only once something was scored (opening an SQLite store
+    creates it)."""
+
+    tracking_uri: str
+    artifact_location: str | None
+
+
+def _evaluate_grading(cfg: DictConfig, bundle, found: str, datamodule, store: _Store) -> dict[str, float]:
     if len(bundle.class_names) != NUM_GRADES:
         raise EvaluateError(f"model={cfg.model}: the model has {len(bundle.class_names)} classes, the labels "
                             f"are the {NUM_GRADES} DR grades")
-    datamodule: DRDataModule = instantiate(cfg.data)
     if not isinstance(datamodule, DRDataModule):
-        raise EvaluateError(f"data={cfg.data.get('format')}: make evaluate scores DR grading sets "
-                            "(data=aptos|eyepacs|synthetic)")
+        raise EvaluateError(f"data={cfg.data.get('format')}: {found} is a grading model; score it on a DR "
+                            "grading set (data=aptos|eyepacs|synthetic data.root=<dir>)")
     datamodule.prepare_data()
     missing: list[str] = []
     index = datamodule.read_index(missing_images=missing)
@@ -221,53 +255,127 @@ def run_evaluate(cfg: DictConfig) -> dict[str, float]:
     settings = cfg.bootstrap
     metrics = grading_metrics(scored.predictions, NUM_GRADES, int(settings.n_resamples),
                               float(settings.confidence_level), int(settings.seed))
+    metrics |= _counts(not_scored, len(scored.predictions), len(index), scored.seconds,
+                       ("missing", "unlabelled", "skipped", "failed"))
+    output, skipped_file = _write_tables(cfg, bundle, predictor, name, scored.predictions, not_scored)
+    fingerprint = data_fingerprint(f"{row.sample_id}|{row.label}|{Path(row.path).stat().st_size}"
+                                   for row in index.sort_values("sample_id").itertuples())
+    predictions = scored.predictions
+    truth = predictions["label"].to_numpy()
+    probabilities = predictions[[f"prob_{k}" for k in range(NUM_GRADES)]].to_numpy()
+    run_name = f"{EXTERNAL_PREFIX}{name}"
+
+    def plots(folder: Path) -> None:
+        matrix = confusion_matrix(truth, predictions["prediction"].to_numpy(), labels=list(range(NUM_GRADES)))
+        plot_confusion_matrix(matrix, folder / "confusion_matrix.png", title=f"{run_name}: confusion matrix")
+        plot_reliability_diagram(probabilities, truth, folder / "reliability.png")
+        plot_precision_recall_curves(probabilities, truth, folder / "pr_curves.png")
+
+    _log_run(store, bundle, run_name, metrics, [output, skipped_file], {"plots": plots},
+             tags=_tags(name, bundle, predictor, fingerprint, datamodule),
+             params=_params(cfg, datamodule, predictor, threads))
+    _print_result(name, bundle.stage, predictor.precision, metrics, output)
+    return metrics
+
+
+def _evaluate_masks(cfg: DictConfig, bundle, found: str, datamodule, store: _Store) -> dict[str, float]:
+    if not isinstance(datamodule, DiscDataModule):
+        raise EvaluateError(f"data={cfg.data.get('format')}: {found} is an optic-disc model; score it on a disc "
+                            "folder (data=disc_folder data.root=<dir with images/ and masks/>, or "
+                            "data=synthetic_disc)")
+    datamodule.prepare_data()
+    pairs, unpaired = disc_folder_pairs(datamodule.dataset_root)
+    name = dataset_name(cfg, datamodule)
+    threads = int(cfg.threads) if cfg.threads else default_threads()
+    predictor = Predictor(bundle, str(cfg.precision), threads)
+    log.info("Model: %s\nBundle %s (stage %s), %s ONNX model, %d thread(s); %d image/mask pair(s) of %s",
+             found, bundle.folder, bundle.stage, predictor.precision, threads, len(pairs), name)
+    preprocessing = datamodule.pair_cache.preprocessing
+    scored = score_pairs(predictor, pairs, preprocessing.mask_threshold, preprocessing.resize_masks,
+                         int(cfg.worst_overlays))
+    if scored.per_image.empty:
+        raise DataValidationError(f"none of the {len(pairs)} image/mask pairs of {name} could be scored",
+                                  scored.not_scored["reason"].head(20).tolist(),
+                                  fix="check that data.root holds fundus photographs in images/ and their disc "
+                                      "masks in masks/")
+    not_scored = pd.concat([
+        scored.not_scored,
+        pd.DataFrame([("", path, "unpaired", reason) for path, reason in unpaired], columns=NOT_SCORED_COLUMNS),
+    ], ignore_index=True)
+    settings = cfg.bootstrap
+    metrics = mask_metrics(scored, int(settings.n_resamples), float(settings.confidence_level), int(settings.seed))
+    metrics |= _counts(not_scored, len(scored.per_image), len(pairs), scored.seconds,
+                       ("unpaired", "skipped", "failed"))
+    output, skipped_file = _write_tables(cfg, bundle, predictor, name, scored.per_image, not_scored)
+    fingerprint = data_fingerprint(f"{row.sample_id}|{Path(row.image_path).stat().st_size}|"
+                                   f"{Path(row.mask_path).stat().st_size}" for row in pairs.itertuples())
+
+    def overlays(folder: Path) -> None:
+        for rank, (dice, image_name, overlay) in enumerate(scored.worst):
+            target = folder / f"worst_{rank:02d}_dice{dice:.3f}_{Path(image_name).stem}.png"
+            cv2.imwrite(str(target), cv2.cvtColor(overlay, cv2.COLOR_RGB2BGR))
+
+    _log_run(store, bundle, f"{EXTERNAL_PREFIX}{name}", metrics, [output, skipped_file], {"overlays": overlays},
+             tags=_tags(name, bundle, predictor, fingerprint, datamodule),
+             params=_params(cfg, datamodule, predictor, threads))
+    ci = f"[{metrics.get('test/dice_ci_low', float('nan')):.3f}, {metrics.get('test/dice_ci_high', float('nan')):.3f}]"
+    log.info("%s, stage %s (%s), at each photograph's size: Dice %.4f %s, IoU %.4f, HD95 %.1f px, %.2f false "
+             "detections per image; %d scored, %d unpaired, %d skipped, %d failed; %.1f images/s. Per image: %s",
+             name, bundle.stage, predictor.precision, metrics["test/dice"], ci, metrics["test/iou"],
+             metrics["test/hd95"], metrics["test/false_detections_per_image"], metrics["external/scored"],
+             metrics["external/unpaired"], metrics["external/skipped"], metrics["external/failed"],
+             metrics["external/images_per_s"], output)
+    return metrics
+
+
+def _counts(not_scored: pd.DataFrame, scored: int, attempted: int, seconds: float,
+            statuses: tuple[str, ...]) -> dict[str, float]:
     counts = not_scored["status"].value_counts()
-    metrics |= {"external/scored": float(len(scored.predictions)),
-                "external/images_per_s": len(index) / scored.seconds if scored.seconds > 0 else float("nan"),
-                **{f"external/{status}": float(counts.get(status, 0))
-                   for status in ("missing", "unlabelled", "skipped", "failed")}}
-    # the model's own hash in the default name: two runs' students evaluated on one set keep their own files
+    return {"external/scored": float(scored),
+            "external/images_per_s": attempted / seconds if seconds > 0 else float("nan"),
+            **{f"external/{status}": float(counts.get(status, 0)) for status in statuses}}
+
+
+def _write_tables(cfg: DictConfig, bundle, predictor: Predictor, name: str, table: pd.DataFrame,
+                  not_scored: pd.DataFrame) -> tuple[Path, Path]:
+    # the model's own hash in the default name: two runs' models evaluated on one set keep their own files
     model_hash = str(bundle.manifest.get("sha256", {}).get(bundle.fp32_path.name, ""))[:8]
     default_name = f"{bundle.stage}-{predictor.precision}{f'-{model_hash}' if model_hash else ''}.csv"
     output = (Path(str(cfg.output)).expanduser() if cfg.output else
               Path(cfg.paths.output_root).resolve() / "evaluate" / name / default_name)
     output.parent.mkdir(parents=True, exist_ok=True)
-    write_csv(scored.predictions, output)
+    write_csv(table, output)
     skipped_file = output.with_name(f"{output.stem}_not_scored.csv")
     write_csv(not_scored, skipped_file)
-    fingerprint = data_fingerprint(f"{row.sample_id}|{row.label}|{Path(row.path).stat().st_size}"
-                                   for row in index.sort_values("sample_id").itertuples())
-    _log_run(MlflowClient(tracking_uri), bundle, f"{EXTERNAL_PREFIX}{name}", metrics, scored, output,
-             skipped_file, artifact_location,
-             tags={"external_dataset": name, "stage": str(bundle.stage), "precision": predictor.precision,
-                   "data_fingerprint": fingerprint, "synthetic_data": str(datamodule.is_synthetic).lower(),
-                   "bundle": str(bundle.folder.resolve())},
-             params={"model": str(cfg.model), "data.format": datamodule.format,
-                     "data.root": str(datamodule.dataset_root), "precision": predictor.precision,
-                     "threads": str(threads)})
-    _print_result(name, bundle.stage, predictor.precision, metrics, output)
-    return metrics
+    return output, skipped_file
 
 
-def _log_run(client: MlflowClient, bundle, name: str, metrics: dict[str, float], scored: Scored, output: Path,
-             skipped_file: Path, artifact_location: str | None, tags: dict[str, str],
-             params: dict[str, str]) -> None:
-    run_id, where = _external_run(client, bundle.manifest.get("mlflow_run_id"), name, tags, artifact_location)
+def _tags(name: str, bundle, predictor: Predictor, fingerprint: str, datamodule) -> dict[str, str]:
+    return {"external_dataset": name, "stage": str(bundle.stage), "precision": predictor.precision,
+            "data_fingerprint": fingerprint, "synthetic_data": str(datamodule.is_synthetic).lower(),
+            "bundle": str(bundle.folder.resolve()), "task": str(bundle.task)}
+
+
+def _params(cfg: DictConfig, datamodule, predictor: Predictor, threads: int) -> dict[str, str]:
+    return {"model": str(cfg.model), "data.format": datamodule.format, "data.root": str(datamodule.dataset_root),
+            "precision": predictor.precision, "threads": str(threads)}
+
+
+def _log_run(store: _Store, bundle, name: str, metrics: dict[str, float], tables: list[Path],
+             figures: dict[str, Callable[[Path], None]], tags: dict[str, str], params: dict[str, str]) -> None:
+    """A run ``name`` (a child of the model's run when the store has it) with ``metrics``, ``params``, the
+    ``tables`` under ``predictions/`` and what each of ``figures`` writes into a folder, under its key."""
+    client = MlflowClient(store.tracking_uri)
+    run_id, where = _external_run(client, bundle.manifest.get("mlflow_run_id"), name, tags, store.artifact_location)
     now = int(time.time() * 1000)
     client.log_batch(run_id, metrics=[Metric(key, value, now, 0) for key, value in metrics.items()],
                      params=[Param(key, value) for key, value in params.items()])
-    client.log_artifact(run_id, str(output), artifact_path="predictions")
-    client.log_artifact(run_id, str(skipped_file), artifact_path="predictions")
-    predictions = scored.predictions
-    truth = predictions["label"].to_numpy()
-    probabilities = predictions[[f"prob_{k}" for k in range(NUM_GRADES)]].to_numpy()
-    with tempfile.TemporaryDirectory() as scratch:
-        plots = Path(scratch)
-        matrix = confusion_matrix(truth, predictions["prediction"].to_numpy(), labels=list(range(NUM_GRADES)))
-        plot_confusion_matrix(matrix, plots / "confusion_matrix.png", title=f"{name}: confusion matrix")
-        plot_reliability_diagram(probabilities, truth, plots / "reliability.png")
-        plot_precision_recall_curves(probabilities, truth, plots / "pr_curves.png")
-        client.log_artifacts(run_id, str(plots), artifact_path="plots")
+    for table in tables:
+        client.log_artifact(run_id, str(table), artifact_path="predictions")
+    for artifact_path, write in figures.items():
+        with tempfile.TemporaryDirectory() as scratch:
+            write(Path(scratch))
+            client.log_artifacts(run_id, scratch, artifact_path=artifact_path)
     client.set_terminated(run_id, "FINISHED")
     log.info("MLflow run %s (%s), %s", name, run_id, where)
 

@@ -26,7 +26,9 @@ them as photographs):
   ``gradcam=true`` also ``<csv stem>_gradcam/<stem>_gradcam.png`` beside it (GradCAM of the reported grade);
 * disc: a folder, ``<input>_discs/`` by default, with ``<stem>_mask.png`` (0/255, the photograph's size),
   ``<stem>_overlay.png``, with ``gradcam=true`` ``<stem>_gradcam.png``, and ``predictions.csv`` (``file,
-  status, disc_area_fraction, mask, overlay, latency_ms, model_ms, reason``).
+  status, disc_area_fraction, mask, overlay, first_pass, latency_ms, model_ms, reason``; ``first_pass`` is what
+  a two-pass (coarse-to-fine) bundle's first pass found: ``found``, or ``no disc found`` / ``several disc
+  candidates`` when the whole-photograph mask was kept; empty for a one-pass bundle).
 
 GradCAM maps lie on the preprocessed image the network saw (cropped to the retina, resized).
 
@@ -386,7 +388,7 @@ def predict_file_row(predictor: Predictor, path: Path, output: Path, name: str,
                 raise OSError(f"cannot write {output / mask_file}")
             write_rgb_png(output / overlay_file, prediction.overlay)
             row |= {"disc_area_fraction": prediction.area_fraction, "mask": mask_file,
-                    "overlay": overlay_file}
+                    "overlay": overlay_file, "first_pass": prediction.first_pass}
         else:
             row["grade"] = prediction.grade
             row |= {f"prob_{label}": float(p)
@@ -414,7 +416,7 @@ def _table(rows: list[dict[str, Any]], bundle: Bundle) -> pd.DataFrame:
     if bundle.task == "grading":
         columns = ["file", "status", "grade", *(f"prob_{name}" for name in bundle.class_names)]
     else:
-        columns = ["file", "status", "disc_area_fraction", "mask", "overlay"]
+        columns = ["file", "status", "disc_area_fraction", "mask", "overlay", "first_pass"]
     table = pd.DataFrame(rows).reindex(columns=[*columns, "latency_ms", "model_ms", "reason"])
     if "grade" in table:
         table["grade"] = table["grade"].astype("Int64")  # skipped rows stay empty, grades stay integers

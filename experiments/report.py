@@ -35,6 +35,7 @@ from experiments.report_data import (
     collect_report,
     run_id_list,
 )
+from experiments.report_folds import FoldSummary, fold_summary, latest_fold_sweep
 from experiments.report_render import write_report
 from experiments.tracking import default_artifact_root, default_tracking_uri, ensure_experiment, git_commit
 
@@ -93,6 +94,12 @@ def read_ablation(client: MlflowClient, experiment_name: str, bootstrap: Bootstr
         return ablation_study(client, runs, bootstrap, Path(workdir), ui_url)
 
 
+def read_folds(client: MlflowClient, experiment_name: str) -> FoldSummary | None:
+    """The newest k-fold glaucoma-iterations sweep's summary, None when no two folds of one sweep finished."""
+    runs = latest_fold_sweep(client, experiment_name)
+    return fold_summary(client, runs) if runs else None
+
+
 def run_report(cfg: DictConfig, output_dir: Path | None = None) -> dict[str, Path]:
     """Read the store, write the report files, log them; returns the written files (``html``, ``markdown``,
     figures). ``output_dir``: where to write when ``report.output_dir`` is null (default: the Hydra run dir).
@@ -118,6 +125,8 @@ def run_report(cfg: DictConfig, output_dir: Path | None = None) -> dict[str, Pat
     if settings.get("ablation", "latest") is not None:
         data.ablation = read_ablation(client, str(settings.experiments.get("ablation", "dr-ablation")), bootstrap,
                                       str(settings.ui_url))
+    if settings.get("folds", "latest") is not None:
+        data.folds = read_folds(client, str(settings.experiments.get("glaucoma", "glaucoma-iterations")))
     if settings.output_dir:
         output_dir = Path(str(settings.output_dir))
     elif output_dir is None:

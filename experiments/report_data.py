@@ -167,6 +167,8 @@ class ReportData:
     baselines: BaselineSweep | None = None
     #: experiment=dr_ablation's table (experiments.report_ablation.AblationStudy), set by the report's entry point
     ablation: Any = None
+    #: the k-fold sweep's summary (experiments.report_folds.FoldSummary), set by the report's entry point
+    folds: Any = None
 
 
 # ----------------------------------------------------------------------------------------------- the store
@@ -356,38 +358,46 @@ def _glaucoma_precision(arm: str, params: Mapping[str, str]) -> str:
 
 def glaucoma_table(selected: Sequence[SelectedRun], ui_url: str,
                    summaries: Mapping[str, pd.DataFrame] | None = None) -> pd.DataFrame:
-    """One row per chain-stage child run of the selected glaucoma-iterations runs; ``summaries[parent id]``
+    """One row per chain-stage child run of the selected glaucoma-iterations runs, and one per ``make evaluate``
+    run of theirs (``<stage> on <dataset>``: its scores, the stage's size and latency); ``summaries[parent id]``
     (the run's summary.csv) adds each stage's cumulative train time."""
     rows = []
     for parent in (s for s in selected if s.kind == GLAUCOMA):
         summary = (summaries or {}).get(parent.parent.info.run_id)
         cumulative = {} if summary is None or "cumulative_train_time_s" not in summary else dict(
             zip(summary["stage"], summary["cumulative_train_time_s"], strict=True))
+        by_stage = {child.info.run_name: child for child in parent.children if "arm" in child.data.tags}
         for child in parent.children:
-            arm = child.data.tags.get("arm")
-            if arm is None:
+            name, external = child.info.run_name, ""
+            if name in by_stage:
+                model, label = child, name
+                precision = _glaucoma_precision(child.data.tags["arm"], child.data.params)
+            elif name.startswith(EXTERNAL_PREFIX) and child.data.tags.get("stage") in by_stage:
+                model = by_stage[child.data.tags["stage"]]
+                external = name.removeprefix(EXTERNAL_PREFIX)
+                label, precision = f"{model.info.run_name} on {external}", child.data.tags.get("precision", "")
+            else:
                 continue  # e.g. the bench child run of make bench
-            base = child.data.tags.get("base", "")
+            arm, base = model.data.tags["arm"], model.data.tags.get("base", "")
             rows.append({
                 "parent_id": parent.parent.info.run_id, "run": run_link(ui_url, parent.parent, parent.name),
-                "stage": child.info.run_name, "arm": arm,
-                "base": int(base) if base.isdigit() else math.nan,
-                "precision": _glaucoma_precision(arm, child.data.params),
+                "stage": label, "arm": arm, "base": int(base) if base.isdigit() else math.nan,
+                "precision": precision,
                 "dice": _metric(child, "test/dice"), "iou": _metric(child, "test/iou"),
                 "hd95": _metric(child, "test/hd95"),
                 "false_detections": _metric(child, "test/false_detections"),
                 "edge_case_detection": _metric(child, "test/edge_case_detection"),
-                "params": _metric(child, "model/params"), "size_bytes": _metric(child, "model/size_bytes"),
-                "latency_ms": _metric(child, "model/latency_ms_median"),
-                "epochs": _metric(child, "chain/epochs"),
-                "train_time_s": _metric(child, "chain/train_time_s"),
-                "cumulative_train_time_s": float(cumulative.get(child.info.run_name, math.nan)),
-                "liminal": "", "run_id": run_link(ui_url, child),
+                "params": _metric(model, "model/params"), "size_bytes": _metric(model, "model/size_bytes"),
+                "latency_ms": _metric(model, "model/latency_ms_median"),
+                "epochs": _metric(model, "chain/epochs"),
+                "train_time_s": _metric(model, "chain/train_time_s"),
+                "cumulative_train_time_s": float(cumulative.get(model.info.run_name, math.nan)),
+                "liminal": "", "run_id": run_link(ui_url, child), "external_dataset": external,
             })
     return pd.DataFrame(rows, columns=[
         "parent_id", "run", "stage", "arm", "base", "precision", "dice", "iou", "hd95", "false_detections",
         "edge_case_detection", "params", "size_bytes", "latency_ms", "epochs", "train_time_s",
-        "cumulative_train_time_s", "liminal", "run_id"])
+        "cumulative_train_time_s", "liminal", "run_id", "external_dataset"])
 
 
 def liminal_result(selected: SelectedRun, summary: pd.DataFrame | None) -> LiminalResult:

@@ -30,6 +30,7 @@ from experiments.report_data import (
     ReportData,
     run_link,
 )
+from experiments.report_folds import FoldSummary
 
 PARETO_FILE, BENCH_PARETO_FILE = "pareto.png", "bench_pareto.png"
 REPORT_HTML, REPORT_MD = "report.html", "report.md"
@@ -60,6 +61,11 @@ ABLATION_TEXT = ("experiment=dr_ablation: the distilled student (`full`) and the
                  "trained on the same data, split and seeds. `QWK - full` is the arm's test QWK minus the full "
                  "student's on the same test images, with a paired-bootstrap interval (as the distillation gain): an "
                  "interval below 0 means the part that arm removes helps.")
+FOLD_COLUMNS = {"dice": "test Dice", "iou": "test IoU", "hd95": "HD95 px", "false_detections": "false detections",
+                "edge_case_detection": "edge-case detection"}
+FOLDS_TEXT = ("A `-m data.fold=...` sweep of glaucoma-iterations: each fold trains the chain on its own training folds "
+              "and is scored on the same fixed test split. Each cell is the mean ± sample standard deviation over the "
+              "folds; the liminal point is the chain's rule (chain.liminal_tolerance) applied to the fold means.")
 BENCH_COLUMNS = {"pipeline": "pipeline", "model": "model", "backend": "backend", "precision": "precision",
                  "params": "params", "file_bytes": "file MB", "latency_ms_median": "median ms",
                  "latency_vs_fp32": "vs fp32", "latency_vs_reference": "vs reference",
@@ -340,6 +346,29 @@ def _ablation_section(study: AblationStudy, data: ReportData) -> Section:
     return section
 
 
+def _folds_section(summary: FoldSummary, data: ReportData) -> Section:
+    folds = ", ".join(str(fold) for fold in summary.folds)
+    links: list[Part] = [f"{len(summary.runs)} folds ({folds}): "]
+    for position, run in enumerate(summary.runs):
+        links += [", " if position else "", run_link(data.ui_url, run, f"fold {summary.folds[position]}")]
+    section = Section("Cross-validation: the chain over folds", [FOLDS_TEXT, links], bullets=list(summary.problems))
+    if summary.table.empty:
+        return section
+    table = summary.table[["stage", "arm", "base", "folds", "latency_ms", "size_bytes"]].copy()
+    for column, title in FOLD_COLUMNS.items():
+        table[title] = [f"{mean:.4g} ± {sd:.2g}" if not math.isnan(sd) else format_number(mean) for mean, sd in
+                        zip(summary.table[f"{column}_mean"], summary.table[f"{column}_sd"], strict=True)]
+    section.table = display_table(table,
+                                  {"stage": "stage", "arm": "arm", "base": "base", "folds": "folds",
+                                   **{title: title for title in FOLD_COLUMNS.values()},
+                                   "latency_ms": "latency ms", "size_bytes": "size MB"})
+    section.bullets += [
+        f"liminal point of the fold means ({arm}): {point['stage']}, mean Dice {point['dice']:.4f}"
+        if point else f"liminal point of the fold means ({arm}): none within {summary.tolerance:.0%}"
+        for arm, point in summary.liminal.items()]
+    return section
+
+
 def _columns(data: ReportData, kind: str, columns: Mapping[str, str]) -> Mapping[str, str]:
     """The table's columns; the parent run's only when several runs of the pipeline are compared (the
     selected-runs table names a lone one)."""
@@ -446,6 +475,8 @@ def build_sections(data: ReportData, pareto_file: str | None, bench_pareto_file:
         sections += [_gain_section(gain, data) for gain in data.gains]
     if data.ablation is not None:
         sections.append(_ablation_section(data.ablation, data))
+    if data.folds is not None:
+        sections.append(_folds_section(data.folds, data))
     if data.bench is not None:
         bench = data.bench
         paragraphs: list[str | list[Part]] = [[

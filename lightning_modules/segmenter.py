@@ -15,10 +15,23 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import torch
 from lightning import LightningModule
 from torch import Tensor
 
+from datamodules.disc_crops import FOUND, NO_DISC, SEVERAL, CoarseToFine
+from datamodules.fundus import SquareCrop, mask_on_source
+from datamodules.optic_disc import (
+    DISC_TASK,
+    SOURCE_CROP_KEY,
+    SOURCE_IMAGE_KEY,
+    SOURCE_MASK_KEY,
+    DiscPreprocessing,
+    coarse_to_fine_from_spec,
+    coarse_to_fine_mask,
+    disc_preprocessing_from_spec,
+)
 from lightning_modules.losses import bce_dice_loss_per_sample, mask_distillation_loss_per_sample
 from lightning_modules.nets.networks import (
     ARCHITECTURES,
@@ -35,6 +48,11 @@ from lightning_modules.optim import adamw_one_cycle
 from lightning_modules.seg_metrics import SegmentationScores, binarize, prefixed
 
 log = logging.getLogger(__name__)
+
+
+def _metric_name(status: str) -> str:
+    """``"no disc found"`` -> ``"no_disc_found"``."""
+    return "_".join(status.split())
 
 #: checkpoint key of the network's width spec: a pruned network no longer matches ``base``
 NETWORK_SPEC_KEY = "network_spec"
@@ -99,10 +117,16 @@ class DiscSegmenter(LightningModule):
         self.threshold = threshold
         self.channels_last = channels_last
         self.val_scores = SegmentationScores()
+        # test/* scores the mask drawn on the photograph itself (its own size, as the clinic sees it);
+        # test_net/* the network's square output against the resized mask
         self.test_scores = SegmentationScores()
+        self.test_net_scores = SegmentationScores()
         self.edge_scores = SegmentationScores()
         self.test_results: dict[str, float] = {}
         self.test_per_image: list[dict[str, float]] = []
+        self._scored_at_source = True
+        self._second_pass: tuple[DiscPreprocessing, CoarseToFine] | None = None
+        self._first_pass_outcomes: dict[str, int] = {}
 
     @staticmethod
     def _build_network(architecture: str, network_path: str | None, *, base: int | None, dropout: float,
@@ -181,12 +205,6 @@ class DiscSegmenter(LightningModule):
         return {"loss": loss, "per_sample_loss": per_sample.detach(), "index": batch["index"]}
 
     # -------------------------------------------------------------------------------- evaluation
-    def _evaluate(self, batch: dict[str, Tensor], scores: SegmentationScores, prefix: str) -> None:
-        logits = self.net(batch["image"])
-        loss = bce_dice_loss_per_sample(logits, batch["mask"], self.bce_weight, self.dice_weight).mean()
-        self.log(f"{prefix}/loss", loss, batch_size=len(logits), add_dataloader_idx=False)
-        scores.update(binarize(logits, self.threshold), batch["mask"] > 0.5, batch.get("hard"))
-
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self._evaluate(batch, self.val_scores, "val")
 
@@ -200,16 +218,82 @@ class DiscSegmenter(LightningModule):
     def test_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         # dataloader 0: the held-out test split; 1 (when the datamodule has one): the hard-case set
         if dataloader_idx == 0:
-            self._evaluate(batch, self.test_scores, "test")
+            logits = self._evaluate(batch, self.test_net_scores, "test_net")
+            self._score_at_source(self.test_scores, logits, batch, batch.get("hard"))
         else:
             logits = self.net(batch["image"])
-            self.edge_scores.update(binarize(logits, self.threshold), batch["mask"] > 0.5,
-                                    torch.ones(len(logits), dtype=torch.bool, device=logits.device))
+            self._score_at_source(self.edge_scores, logits, batch,
+                                  torch.ones(len(logits), dtype=torch.bool, device=logits.device), test_split=False)
+
+    def _evaluate(self, batch: dict[str, Tensor], scores: SegmentationScores, prefix: str) -> Tensor:
+        """Loss and scores at the network's resolution; the logits, for scoring elsewhere too."""
+        logits = self.net(batch["image"])
+        loss = bce_dice_loss_per_sample(logits, batch["mask"], self.bce_weight, self.dice_weight).mean()
+        self.log(f"{prefix}/loss", loss, batch_size=len(logits), add_dataloader_idx=False)
+        scores.update(binarize(logits, self.threshold), batch["mask"] > 0.5, batch.get("hard"))
+        return logits
+
+    def _score_at_source(self, scores: SegmentationScores, logits: Tensor, batch: dict, hard: Tensor | None,
+                         test_split: bool = True) -> None:
+        """Score each image's mask at its photograph's own size (``DiscDataModule`` test loaders carry the
+        original masks); a loader without them is scored at the network's resolution, and says so."""
+        sources = batch.get(SOURCE_MASK_KEY)
+        if sources is None:
+            self._scored_at_source = False
+            scores.update(binarize(logits, self.threshold), batch["mask"] > 0.5, hard)
+            return
+        probabilities = torch.sigmoid(logits.detach().float())[:, 0].cpu().numpy()
+        boxes = batch[SOURCE_CROP_KEY].tolist()
+        photographs = batch.get(SOURCE_IMAGE_KEY)
+        for position, (probability, source, box) in enumerate(zip(probabilities, sources, boxes, strict=True)):
+            crop = SquareCrop(*box)
+            if self._second_pass is not None and photographs is not None:
+                preprocessing, settings = self._second_pass
+                predicted, search = coarse_to_fine_mask(photographs[position].cpu().numpy(), probability, crop,
+                                                        preprocessing, settings, self.threshold,
+                                                        self._probability_map)
+                if test_split:  # the hard-case set's images are counted in their own split already
+                    self._first_pass_outcomes[search.status] = self._first_pass_outcomes.get(search.status, 0) + 1
+            else:
+                predicted = mask_on_source(probability, crop, self.threshold)
+            flag = None if hard is None else hard[position : position + 1].cpu()
+            scores.update(torch.from_numpy(predicted)[None], source.cpu()[None] > 0, flag)
+
+    @torch.no_grad()
+    def _probability_map(self, image: Tensor) -> np.ndarray:
+        """The network's (S, S) disc probabilities of one (1, 3, S, S) input (the second pass)."""
+        image = image.to(self.device)
+        if self.channels_last:
+            image = image.contiguous(memory_format=torch.channels_last)
+        return torch.sigmoid(self.net(image).float())[0, 0].cpu().numpy()
+
+    def on_test_start(self) -> None:
+        # the two-pass settings travel with the data (they are also what the deployment bundle records)
+        self._second_pass = None
+        trainer = getattr(self, "_trainer", None)
+        spec_of = getattr(getattr(trainer, "datamodule", None), "inference_spec", None)
+        spec = spec_of() if callable(spec_of) else None
+        if spec and spec.get("task") == DISC_TASK:
+            settings = coarse_to_fine_from_spec(spec)
+            if settings.enabled:
+                self._second_pass = (disc_preprocessing_from_spec(spec), settings)
+
+    def on_test_epoch_start(self) -> None:
+        self._scored_at_source = True
+        self._first_pass_outcomes = {}
 
     def on_test_epoch_end(self) -> None:
         results = prefixed(self.test_scores.compute(), "test")
+        results |= prefixed(self.test_net_scores.compute(), "test_net")
+        results["test/at_source_resolution"] = float(self._scored_at_source)
+        results["test/coarse_to_fine"] = float(self._second_pass is not None)
+        if self._second_pass is not None:
+            # the first pass's outcomes per test image: with no disc or several, the whole-photograph mask is kept
+            results |= {f"test/first_pass_{_metric_name(status)}": float(self._first_pass_outcomes.get(status, 0))
+                        for status in (FOUND, NO_DISC, SEVERAL)}
         self.test_per_image = self.test_scores.per_image()
         self.test_scores.reset()
+        self.test_net_scores.reset()
         if self.edge_scores.update_count > 0:
             edge = self.edge_scores.compute()
             results |= {

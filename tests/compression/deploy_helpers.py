@@ -15,6 +15,7 @@ from torch import nn
 
 from compression.deploy import Bundle, write_bundle
 from compression.packed_format import describe_network
+from datamodules.disc_crops import CoarseToFine
 from datamodules.dr import grading_network_inputs, grading_spec
 from datamodules.fundus import FundusPreprocessing
 from datamodules.optic_disc import DiscPreprocessing, disc_network_input, disc_spec
@@ -108,11 +109,28 @@ def write_grading_bundle(folder: Path,
     return bundle, net, imager
 
 
-def write_disc_bundle(folder: Path) -> tuple[Bundle, nn.Module]:
-    """A disc bundle of a base-4 U-Net at 32 px, int8 calibrated on 4 photographs."""
-    net = tiny_unet(base=4)
+def write_disc_bundle(folder: Path, net: nn.Module | None = None,
+                      coarse_to_fine: CoarseToFine | None = None) -> tuple[Bundle, nn.Module]:
+    """A disc bundle of ``net`` (default a base-4 U-Net) at 32 px, int8 calibrated on 4 photographs."""
+    net = net if net is not None else tiny_unet(base=4)
     batches = [(disc_network_input(fundus_photo(seed), DISC_PREPROCESSING)[0],) for seed in range(4)]
-    bundle = write_bundle(folder, net, batches[0], ["image"], "disc", disc_spec(DISC_PREPROCESSING),
+    bundle = write_bundle(folder, net, batches[0], ["image"], "disc",
+                          disc_spec(DISC_PREPROCESSING, coarse_to_fine=coarse_to_fine),
                           {"stage": "prune-16", "threshold": 0.5}, calibration_batches=batches,
                           exporter="torchscript")
     return bundle, net
+
+
+class BrightnessSegmenter(nn.Module):
+    """A "network" whose disc is wherever the photograph is brighter than ``level`` (in normalised units, summed
+    over channels): a predictable stand-in for a trained segmenter, so a test knows what each pass finds."""
+
+    def __init__(self, level: float = 5.0, gain: float = 4.0):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 1, 1)
+        with torch.no_grad():
+            self.conv.weight.fill_(gain)
+            self.conv.bias.fill_(-gain * level)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.conv(image)

@@ -10,10 +10,11 @@ import stat
 from pathlib import Path
 from types import SimpleNamespace
 
+import cv2
 import numpy as np
 import pytest
 import torch
-from scipy.special import softmax
+from scipy.special import expit, softmax
 
 from callbacks.deployment_bundle import DeploymentBundle
 from callbacks.quantization_aware_training import QuantizationAwareTraining
@@ -25,10 +26,12 @@ from compression.deploy import (
     write_bundle,
 )
 from compression.export import ort_session, run_session
+from datamodules.disc_crops import CoarseToFine
 from datamodules.dr import grading_network_inputs, grading_preprocessing_from_spec, grading_spec
-from datamodules.fundus import read_rgb
+from datamodules.fundus import mask_on_source, read_rgb
 from datamodules.optic_disc import (
     DiscPreprocessing,
+    coarse_to_fine_mask,
     disc_network_input,
     disc_preprocessing_from_spec,
     disc_spec,
@@ -38,6 +41,7 @@ from tests.compression.deploy_helpers import (
     DISC_PREPROCESSING,
     GRADING_PREPROCESSING,
     STUDENT_HPARAMS,
+    BrightnessSegmenter,
     fitted_imager,
     fundus_photo,
     grading_batches,
@@ -187,12 +191,50 @@ def test_the_predictor_maps_the_disc_mask_back_onto_the_photograph(disc, tmp_pat
     canvas[4:76, 30:102] = fundus_photo(3, size=72)
     photo = write_photo(tmp_path / "wide.png", canvas)
     tensor, _, crop = disc_network_input(read_rgb(photo), DISC_PREPROCESSING)
-    expected = crop.to_source((torch_logits(net, tensor)[0, 0] > 0).astype(np.uint8)) * 255  # p > 0.5
+    # the probabilities scaled to the photograph, then thresholded at 0.5
+    expected = mask_on_source(expit(torch_logits(net, tensor)[0, 0]), crop, 0.5).astype(np.uint8) * 255
     predicted = Predictor(bundle, precision="fp32").predict_file(photo)
     assert predicted.mask.shape == (80, 120) and predicted.overlay.shape == (80, 120, 3)
     assert set(np.unique(predicted.mask)) <= {0, 255}
     assert np.mean(predicted.mask != expected) < 0.01  # only pixels at the threshold may flip
     assert 0 < predicted.area_fraction < 1 and predicted.mask[:, :30].max() == 0  # nothing outside the retina
+    assert predicted.first_pass == ""  # a one-pass bundle
+
+
+def test_a_two_pass_bundle_segments_the_crop_around_the_disc_the_first_pass_found(tmp_path: Path):
+    settings = CoarseToFine(enabled=True, crop_scale=3.0)
+    bundle, net = write_disc_bundle(tmp_path / "deploy", net=BrightnessSegmenter(), coarse_to_fine=settings)
+    assert bundle.preprocessing["coarse_to_fine"] == settings.spec()
+    photo_rgb = np.zeros((300, 400, 3), np.uint8)  # the camera's dark surround
+    cv2.circle(photo_rgb, (200, 150), 140, (90, 40, 30), thickness=-1)  # the retina
+    for end in ((80, 60), (90, 250), (330, 260), (200, 20)):  # vessels leaving the disc
+        cv2.line(photo_rgb, (260, 120), end, (55, 15, 12), thickness=4)
+    cv2.circle(photo_rgb, (260, 120), 22, (250, 240, 200), thickness=-1)  # the bright disc, over the vessels
+    photo = write_photo(tmp_path / "eye.png", photo_rgb)
+    predictor = Predictor(bundle, precision="fp32")
+    calls = []
+    run = predictor._run
+    predictor._run = lambda inputs: calls.append(inputs[0].shape) or run(inputs)
+    predicted = predictor.predict_file(photo)
+    assert predicted.first_pass == "found" and calls == [(1, 3, 32, 32)] * 2
+    # what the same two passes give with the PyTorch network
+    image = read_rgb(photo)
+    tensor, _, crop = disc_network_input(image, DISC_PREPROCESSING)
+    expected, search = coarse_to_fine_mask(image, expit(torch_logits(net, tensor)[0, 0]), crop, DISC_PREPROCESSING,
+                                           settings, 0.5, lambda crop_tensor: expit(torch_logits(net, crop_tensor)[0, 0]))
+    assert search.found and np.mean((predicted.mask > 0) != expected) < 0.001
+    truth = np.zeros((300, 400), bool)
+    cv2.circle(truth.view(np.uint8), (260, 120), 22, 1, thickness=-1)
+    # the second pass sees the disc 3x larger: its outline on the photograph is closer than the first pass's
+    one_pass = mask_on_source(expit(torch_logits(net, tensor)[0, 0]), crop, 0.5)
+    assert (expected ^ truth).sum() < (one_pass ^ truth).sum()
+    # a photograph without anything disc-bright: no disc found, the whole-photograph mask, said so
+    no_disc = photo_rgb.copy()
+    cv2.circle(no_disc, (260, 120), 22, (90, 40, 30), thickness=-1)
+    dim = write_photo(tmp_path / "dim.png", no_disc)
+    calls.clear()
+    nothing = predictor.predict_file(dim)
+    assert nothing.first_pass == "no disc found" and calls == [(1, 3, 32, 32)] and nothing.mask.max() == 0
 
 
 def test_the_predictor_refuses_unreadable_files_and_non_fundus_images(grading, tmp_path: Path):

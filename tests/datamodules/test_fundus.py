@@ -12,11 +12,13 @@ from datamodules.fundus import (
     ben_graham,
     clahe_lab,
     crop_to_retina,
+    mask_on_source,
     read_grey,
     read_rgb,
     retina_square_crop,
 )
 from datamodules.synthetic import render_fundus
+from lightning_modules.seg_metrics import hd95
 
 
 def test_crop_to_retina_removes_black_border_and_pads_to_square():
@@ -148,3 +150,41 @@ def test_read_grey_converts_colour_and_names_a_bad_file(tmp_path: Path):
     broken.write_bytes(b"BM not really")
     with pytest.raises(UnreadableImageError, match=r"broken\.bmp: not a readable image"):
         read_grey(broken)
+
+
+@pytest.mark.parametrize("frame, box", [
+    ((300, 500), (40, 280, 90, 470)),   # landscape frame, a wide retina box: padded top and bottom
+    ((500, 300), (60, 470, 20, 290)),   # portrait frame, a tall box: padded left and right
+    ((257, 391), (0, 257, 0, 391)),     # the whole odd-sized photograph
+])
+def test_a_probability_map_pasted_back_lands_where_it_was_cut(frame, box):
+    height, width = frame
+    crop = SquareCrop(*box, height, width)
+    assert SquareCrop(*crop.as_tuple()) == crop
+    truth = np.zeros(frame, np.uint8)
+    centre = ((box[2] + box[3]) // 2 + 17, (box[0] + box[1]) // 2 - 11)  # (x, y), off the box's centre
+    cv2.ellipse(truth, centre, (41, 33), 20, 0, 360, 1, thickness=-1)
+    # What the network would output for a perfect answer at 64 px: the cut mask, area-resized to probabilities.
+    probability = cv2.resize(crop.apply(truth).astype(np.float32), (64, 64), interpolation=cv2.INTER_AREA)
+    back = mask_on_source(probability, crop, threshold=0.5)
+    assert back.shape == frame and back.dtype == bool
+    overlap = np.logical_and(back, truth).sum() / np.logical_or(back, truth).sum()
+    (rows, cols), (true_rows, true_cols) = np.nonzero(back), np.nonzero(truth)
+    assert overlap > 0.93
+    assert abs(rows.mean() - true_rows.mean()) < 1.0 and abs(cols.mean() - true_cols.mean()) < 1.0
+    outside = np.ones(frame, bool)
+    outside[box[0]:box[1], box[2]:box[3]] = False
+    assert not back[outside].any()  # nothing lands outside the box the network saw
+
+
+def test_smooth_paste_back_follows_the_boundary_nearest_neighbour_draws_stairs():
+    # A disc predicted at 32 px and drawn on a 1024 px photograph: nearest neighbour gives 32-px steps.
+    side = 1024
+    truth = np.zeros((side, side), np.uint8)
+    cv2.circle(truth, (530, 470), 160, 1, thickness=-1)
+    crop = SquareCrop.whole(truth.shape)
+    probability = cv2.resize(truth.astype(np.float32), (32, 32), interpolation=cv2.INTER_AREA)
+    smooth = mask_on_source(probability, crop, threshold=0.5)
+    stairs = crop.to_source((probability > 0.5).astype(np.uint8)) > 0
+    assert hd95(smooth, truth) < 0.5 * hd95(stairs, truth)
+    assert hd95(smooth, truth) < 6  # a few photograph pixels, not a network pixel (32 px)

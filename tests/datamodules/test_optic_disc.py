@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 import torch
 
+from datamodules.disc_crops import CoarseToFine
 from datamodules.dr import IMAGENET_MEAN, IMAGENET_STD
 from datamodules.errors import DataValidationError
-from datamodules.optic_disc import DiscDataModule
+from datamodules.fundus import SquareCrop
+from datamodules.optic_disc import SOURCE_CROP_KEY, SOURCE_IMAGE_KEY, SOURCE_MASK_KEY, DiscDataModule
 from datamodules.synthetic import render_fundus, synthetic_data_banner
 
 NUM_PAIRS = 18
@@ -272,3 +274,56 @@ def test_both_datamodules_log_the_same_loud_banner(tmp_path: Path, caplog: pytes
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("USING SYNTHETIC FUNDUS IMAGES" in w and "data=disc_folder" in w for w in warnings)
     assert len(list((dm.dataset_root / "images").glob("*.png"))) == 3
+
+
+def test_test_batches_carry_each_photographs_own_mask_and_crop(tmp_path: Path):
+    image, mask = bright_disc_pair()
+    canvas = np.zeros((120, 160, 3), np.uint8)
+    canvas[10:106, 40:136] = image
+    true_disc = np.zeros((120, 160), np.uint8)
+    true_disc[10:106, 40:136] = mask
+    root = write_folder(tmp_path / "disc", [(canvas, true_disc)] * 12)
+    dm = make_dm(root, tmp_path, image_size=48)
+    dm.setup()
+    batch = next(iter(dm.test_dataloader()))
+    sources, boxes = batch[SOURCE_MASK_KEY], batch[SOURCE_CROP_KEY]
+    assert isinstance(sources, list) and len(sources) == len(batch["image"]) == len(boxes)
+    np.testing.assert_array_equal(sources[0].numpy(), true_disc > 0)  # the original mask, at its own size
+    assert SquareCrop(*boxes[0].tolist()) == dm.preprocess_image(canvas)[1]
+    assert SOURCE_MASK_KEY not in next(iter(dm.train_dataloader()))  # training never decodes photographs again
+
+
+def test_coarse_to_fine_training_mixes_disc_crops_and_validation_sees_both_passes(disc_root: Path, tmp_path: Path):
+    crops = make_dm(disc_root, tmp_path, augment=False, coarse_to_fine={"enabled": True, "crop_fraction": 1.0})
+    whole = make_dm(disc_root, tmp_path, augment=False)
+    crops.setup()
+    whole.setup()
+
+    def disc_share(dataset, items) -> float:
+        return float(np.mean([dataset[i]["mask"].mean().item() for i in items]))
+
+    train = crops.datasets["train"]
+    assert len(train) == len(whole.datasets["train"])
+    torch.manual_seed(0)
+    # every training item is a crop around the disc: the disc fills several times more of the input
+    assert disc_share(train, range(len(train))) > 3 * disc_share(whole.datasets["train"], range(len(train)))
+    torch.manual_seed(0)
+    first = [train[i]["image"] for i in range(3)]
+    torch.manual_seed(0)
+    torch.testing.assert_close(torch.stack(first), torch.stack([train[i]["image"] for i in range(3)]))  # seeded
+    assert not torch.equal(train[0]["image"], train[0]["image"])  # and jittered from draw to draw
+
+    val, n = crops.datasets["val"], len(whole.datasets["val"])
+    assert len(val) == 2 * n  # the whole photographs, then their centred disc crops
+    torch.testing.assert_close(val[0]["image"], whole.datasets["val"][0]["image"])
+    centred = val[n]["mask"][0].numpy()
+    rows, cols = np.nonzero(centred)
+    assert abs(rows.mean() - 15.5) < 2 and abs(cols.mean() - 15.5) < 2 and val[n]["index"] == 0
+    assert len(crops.calibration_dataloader().dataset) == 2 * len(train)  # int8 ranges cover both passes
+
+    batch = next(iter(crops.test_dataloader()))
+    photographs, masks = batch[SOURCE_IMAGE_KEY], batch[SOURCE_MASK_KEY]
+    assert [p.shape[:2] for p in photographs] == [m.shape for m in masks] and photographs[0].shape[2] == 3
+    assert SOURCE_IMAGE_KEY not in next(iter(whole.test_dataloader()))  # one pass: no photographs in batches
+    assert crops.inference_spec()["coarse_to_fine"] | {"crop_fraction": 0.5} == CoarseToFine(enabled=True).spec()
+    assert whole.inference_spec()["coarse_to_fine"]["enabled"] is False

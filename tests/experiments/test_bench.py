@@ -12,7 +12,10 @@ from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
 from omegaconf import OmegaConf
 
 from compression.benchmark import BACKENDS, WEIGHT_SHARED
-from experiments.bench import dr_pipeline, run_bench
+from compression.deploy import write_bundle
+from datamodules.disc_crops import CoarseToFine
+from datamodules.optic_disc import disc_spec
+from experiments.bench import _disc_pipeline, dr_pipeline, measure_pipeline, run_bench
 from lightning_modules.nets.vgg_unet import VGGUNet, save_network
 from tests.experiments.helpers import compose_config, runs_by_name
 
@@ -162,3 +165,27 @@ def test_a_teacher_at_its_own_resolution_is_timed_scored_and_calibrated_at_that_
     assert {batch["image"].shape[-1] for batch in models["teacher"].eval_batches} == {96}
     assert {batch["image"].shape[-1] for batch in models["teacher"].calibration_batches} == {96}
     assert models["student"].eval_batches is None and pipeline.eval_batches[0]["image"].shape[-1] == 64
+
+
+def test_disc_models_are_scored_at_the_photographs_size_and_a_bundle_is_timed_as_the_clinic_runs_it(project: Path):
+    run_dir, _ = fake_chain_run(project, {"base-8": VGGUNet(base=8)}, tracked=False)
+    cfg = compose_config("bench", [*FAST, "bench.dr_run_dir=skip", "bench.backends=[eager]",
+                                   "bench.weight_sharing_k=null"], project / "outputs" / "bench" / "runs" / "now")
+    pipeline = _disc_pipeline(cfg, "run", run_dir)
+    # one (original mask, crop box) per test image, in the evaluation batches' order, at the photographs' size
+    assert len(pipeline.sources) == sum(len(batch["image"]) for batch in pipeline.eval_batches)
+    first_mask, first_box = pipeline.sources[0]
+    assert first_mask.shape == (first_box.source_height, first_box.source_width) and first_mask.shape[0] > 32
+    # a two-pass deployment bundle of the stage, as the chain's DeploymentBundle callback writes it
+    datamodule = pipeline.datamodule
+    two_pass = CoarseToFine(enabled=True)
+    batch = (pipeline.eval_batches[0]["image"][:1],)
+    write_bundle(run_dir / "base-8" / "deploy", pipeline.models[0].net, batch, ["image"], "disc",
+                 disc_spec(datamodule.preprocessing, coarse_to_fine=two_pass), {"stage": "base-8", "threshold": 0.5},
+                 exporter="torchscript")
+    rows = pd.DataFrame(measure_pipeline(cfg, pipeline, project / "work", threads=1)).set_index(["model", "backend"])
+    eager = rows.loc[("base-8", "eager")]
+    assert {"dice", "dice_net", "dice_per_image", "dice_per_image_net"} <= set(rows.columns)
+    assert eager["quality"] == eager["dice"] and 0 <= eager["dice"] <= 1
+    clinic = rows.loc[("full pipeline (base-8, two passes)", "ort_fp32")]
+    assert clinic["latency_ms_median"] > 0 and clinic["quality_metric"] == "dice" and 0 <= clinic["quality"] <= 1

@@ -13,11 +13,12 @@ import pytest
 from hydra import compose, initialize_config_dir
 from sklearn.metrics import accuracy_score, cohen_kappa_score
 
+from compression.deploy import Predictor
 from experiments.evaluate import exit_status, grading_metrics, run_evaluate
 from experiments.report_data import dr_table, select_runs
 from experiments.report_render import pareto_points
 from experiments.train_dr import run_dr_distill
-from tests.compression.deploy_helpers import write_disc_bundle, write_grading_bundle
+from tests.compression.deploy_helpers import fundus_photo, write_disc_bundle, write_grading_bundle
 from tests.experiments.helpers import compose_config, mlflow_store, runs_by_name
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -107,7 +108,10 @@ def test_wrong_models_and_unusable_label_files_are_clear_errors(project, grading
                                                                 caplog):
     disc = write_disc_bundle(tmp_path / "disc" / "deploy")[0].folder
     data = ("data=aptos", f"data.root={aptos_root}")
-    assert "is a 'disc' model; make evaluate scores grading models" in refused(caplog, f"model={disc}", *data)
+    assert "is an optic-disc model; score it on a disc folder" in refused(caplog, f"model={disc}", *data)
+    disc_data = ("data=disc_folder", f"data.root={tmp_path}")
+    assert "is a grading model; score it on a DR grading set" in refused(caplog, f"model={grading_bundle}",
+                                                                         *disc_data)
     table = pd.read_csv(aptos_root / "train.csv")
     table.loc[2, "diagnosis"] = 9
     table.to_csv(aptos_root / "train.csv", index=False)
@@ -135,3 +139,57 @@ def test_grading_metrics_agree_with_sklearn_and_a_perfect_grader_has_a_degenerat
     perfect = table.assign(prediction=labels)
     exact = grading_metrics(perfect, 5, n_resamples=100)
     assert exact["test/qwk"] == exact["test/acc"] == exact["test/acc_ci_low"] == 1.0
+
+
+def write_disc_folder(root: Path, predictor: Predictor) -> dict[str, np.ndarray]:
+    """Photographs of three sizes whose reference masks are the bundle's own mask plus a square it misses, so
+    each image's Dice is known in advance; and one of each kind of pair that cannot be scored."""
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    references = {}
+    for index, size in enumerate([96, 96, 120, 120, 150, 150]):
+        name = f"eye{index}"
+        image = fundus_photo(index, size=size)
+        cv2.imwrite(str(root / "images" / f"{name}.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+        predicted = predictor.predict_file(root / "images" / f"{name}.png").mask > 0
+        reference = predicted.copy()
+        reference[size // 2 : size // 2 + 6 + index, size // 3 : size // 3 + 8] = True
+        cv2.imwrite(str(root / "masks" / f"{name}.png"), reference.astype(np.uint8) * 255)
+        references[name] = (predicted, reference)
+    cv2.imwrite(str(root / "images" / "no_mask.png"), cv2.cvtColor(fundus_photo(9), cv2.COLOR_RGB2BGR))
+    cv2.imwrite(str(root / "images" / "wrong_size.png"), cv2.cvtColor(fundus_photo(10), cv2.COLOR_RGB2BGR))
+    cv2.imwrite(str(root / "masks" / "wrong_size.png"), np.full((40, 40), 255, np.uint8))
+    cv2.imwrite(str(root / "images" / "black.png"), np.zeros((96, 96, 3), np.uint8))
+    cv2.imwrite(str(root / "masks" / "black.png"), np.full((96, 96), 255, np.uint8))
+    return references
+
+
+def test_a_disc_bundle_is_scored_at_each_photographs_size_and_bad_pairs_are_listed(project, tmp_path):
+    bundle = write_disc_bundle(tmp_path / "prune-16" / "deploy")[0]
+    references = write_disc_folder(tmp_path / "clinic", Predictor(bundle, "int8", 1))
+    metrics = run_evaluate(evaluate_config(f"model={bundle.folder}", "data=disc_folder",
+                                           f"data.root={tmp_path / 'clinic'}", "worst_overlays=3"))
+    assert metrics["external/scored"] == 6 and metrics["external/unpaired"] == 1
+    assert metrics["external/skipped"] == 2 and metrics["external/failed"] == 0
+    (written,) = (path for path in (project / "outputs" / "evaluate" / "clinic").glob("prune-16-int8-*.csv")
+                  if not path.stem.endswith("_not_scored"))
+    table = pd.read_csv(written).set_index("sample_id")
+    expected = {name: 2 * (p & r).sum() / (p.sum() + r.sum()) for name, (p, r) in references.items()}
+    for name, dice in expected.items():
+        assert table.loc[name, "dice"] == pytest.approx(dice)
+        assert (table.loc[name, "height"], table.loc[name, "width"]) == references[name][1].shape
+        assert table.loc[name, "precision"] == pytest.approx(1.0 if references[name][0].any() else 0.0)
+    assert metrics["test/dice"] == pytest.approx(np.mean(list(expected.values())))
+    assert metrics["test/images"] == 6 and metrics["test/dice_ci_low"] <= metrics["test/dice"]
+    not_scored = pd.read_csv(written.with_name(f"{written.stem}_not_scored.csv")).set_index("status")
+    assert "no mask 'no_mask.*'" in not_scored.loc["unpaired", "reason"]
+    reasons = " ".join(not_scored.loc["skipped", "reason"])
+    assert "mask is 40x40 px but its image wrong_size.png is 96x96" in reasons and "almost black" in reasons
+    client = mlflow_store(project)
+    (run,) = runs_by_name(client, "evaluate")["external-clinic"]
+    assert run.data.tags["task"] == "disc" and run.data.metrics["test/dice"] == pytest.approx(metrics["test/dice"])
+    overlays = sorted(a.path for a in client.list_artifacts(run.info.run_id, "overlays"))
+    # the three lowest Dice, lowest first (ties broken either way), each file naming its image and Dice
+    shown = [(path.split("_dice")[1][:5], path.rsplit("_", 1)[1].removesuffix(".png")) for path in overlays]
+    assert [dice for dice, _ in shown] == [f"{d:.3f}" for d in sorted(table["dice"])[:3]]
+    assert all(f"{table.loc[name, 'dice']:.3f}" == dice for dice, name in shown)

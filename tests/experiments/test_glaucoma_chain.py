@@ -308,3 +308,23 @@ def test_disc_transformer_chain_reports_the_transformer_beside_iteration_one(pro
     assert Path(resumed["stages"]["base-8"]["network"]).stat().st_mtime_ns == first
     assert network.stat().st_mtime_ns != mtime
     assert all(len(runs) == 1 for runs in _runs(project).values())
+
+
+def test_a_coarse_to_fine_chain_trains_scores_and_deploys_two_passes(project: Path):
+    run_dir = project / "c2f"
+    overrides = [*TINY, "chain.bases=[16,8]", "chain.arms=[prune]", "chain.coarse_to_fine=true",
+                 "chain.finishers=[qat]", "chain.finish_after=[prune-8]", "chain.max_epochs.qat=1",
+                 "chain.callbacks.qat.min_mask_dice=0"]
+    run_glaucoma_chain(compose_config("glaucoma_chain", overrides, run_dir))
+    state = json.loads((run_dir / "run_state.json").read_text())
+    assert list(state["stages"]) == ["base-16", "prune-8", "qat-prune-8"]
+    for name, stage in state["stages"].items():
+        test = stage["test"]
+        assert test["test/coarse_to_fine"] == 1 and test["test/at_source_resolution"] == 1, name
+        outcomes = [test[f"test/first_pass_{status}"] for status in ("found", "no_disc_found", "several_disc_candidates")]
+        assert sum(outcomes) == test["test/images"], name  # every test photograph went through the first pass
+        assert "test_net/dice" in test
+    bundle = json.loads((run_dir / "prune-8" / "deploy" / "bundle.json").read_text())
+    assert bundle["preprocessing"]["coarse_to_fine"]["enabled"] is True
+    runs = _runs(project)
+    assert runs["prune-8"][0].data.metrics["test/coarse_to_fine"] == 1
