@@ -172,9 +172,16 @@ def _source_dice_scores(logits: Tensor, sources: Sequence[SourceMask], threshold
     if len(sources) != len(logits):
         raise ValueError(f"{len(sources)} source masks for {len(logits)} predictions")
     probabilities = torch.sigmoid(logits.float())[:, 0].numpy()
+    return mask_pair_dice((mask_on_source(probability, crop, threshold), mask)
+                          for probability, (mask, crop) in zip(probabilities, sources, strict=True))
+
+
+def mask_pair_dice(pairs: Iterable[tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
+    """``dice`` (pooled over every pixel) and ``dice_per_image`` (the mean of the images' Dice) of (predicted,
+    reference) masks of any sizes, nonzero = disc, with the suite's empty-mask conventions."""
     counts = []
-    for probability, (mask, crop) in zip(probabilities, sources, strict=True):
-        predicted, target = mask_on_source(probability, crop, threshold), np.asarray(mask) > 0
+    for predicted, reference in pairs:
+        predicted, target = np.asarray(predicted) > 0, np.asarray(reference) > 0
         counts.append([(predicted & target).sum(), (predicted & ~target).sum(), (~predicted & target).sum(),
                        (~predicted & ~target).sum()])
     tp, fp, fn, tn = torch.tensor(counts, dtype=torch.int64).T

@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
@@ -51,6 +50,7 @@ from compression.benchmark import (
     cpu_description,
     default_threads,
     markdown_report,
+    mask_pair_dice,
     pareto_plot,
     torch_threads,
 )
@@ -381,12 +381,8 @@ def _clinic_dice(predictor: Predictor, paths: list[str], sources: list[SourceMas
     test split: the quality of what the clinic gets, which the per-backend rows measure on the network alone."""
     if not sources:
         return {}
-    counts = np.zeros(4, dtype=np.int64)
-    for path, (truth, _) in zip(paths, sources, strict=True):
-        predicted, target = predictor.predict_file(path).mask > 0, truth > 0
-        counts += [(predicted & target).sum(), (predicted & ~target).sum(), (~predicted & target).sum(), 0]
-    tp, fp, fn, _ = counts
-    return {"quality_metric": "dice", "quality": float(2 * tp / (2 * tp + fp + fn)) if tp + fp + fn else 1.0}
+    pairs = ((predictor.predict_file(path).mask, truth) for path, (truth, _) in zip(paths, sources, strict=True))
+    return {"quality_metric": "dice", "quality": mask_pair_dice(pairs)["dice"]}
 
 
 def _dr_clinic_rows(cfg: DictConfig, pipeline: Pipeline, workdir: Path, threads: int) -> list[dict[str, Any]]:

@@ -29,7 +29,7 @@ from compression.deploy import Predictor
 from datamodules.disc_crops import FOUND, NO_DISC, SEVERAL
 from datamodules.disc_index import InvalidMaskError, read_disc_mask
 from datamodules.photograph import NotAFundusError, UnreadableImageError
-from lightning_modules.seg_metrics import SegmentationScores, image_statistics, prefixed
+from lightning_modules.seg_metrics import SegmentationScores, batch_statistics, prefixed
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +88,11 @@ def score_pairs(predictor: Predictor, pairs: pd.DataFrame, mask_threshold: float
             not_scored.append((row.sample_id, row.image_path, "failed", f"{type(error).__name__}: {error}"))
             continue
         predicted, truth = prediction.mask > 0, reference > 0
-        scores.update(torch.from_numpy(predicted)[None], torch.from_numpy(truth)[None])
-        statistics = image_statistics(predicted, truth)
+        # scored once: the per-image row and the aggregate share the statistics
+        predicted_batch, truth_batch = torch.from_numpy(predicted)[None], torch.from_numpy(truth)[None]
+        batch = batch_statistics(predicted_batch, truth_batch)
+        scores.update(predicted_batch, truth_batch, statistics=batch)
+        statistics = {name: float(batch[name][0]) for name in PER_IMAGE_SCORES}
         height, width = truth.shape
         rows.append({"image": Path(row.image_path).name, "sample_id": row.sample_id,
                      **{name: statistics[name] for name in PER_IMAGE_SCORES},

@@ -244,9 +244,12 @@ class SegmentationScores(Metric):
         self.add_state("counts", default=[], dist_reduce_fx="cat")
         self.add_state("distances", default=[], dist_reduce_fx="cat")
 
-    def update(self, pred_masks: Tensor, target_masks: Tensor, hard: Tensor | None = None) -> None:
-        """Score a batch of (B, 1, H, W) or (B, H, W) bool / 0-1 masks; ``hard`` flags edge-case images (B,)."""
-        stats = batch_statistics(pred_masks, target_masks)
+    def update(self, pred_masks: Tensor, target_masks: Tensor, hard: Tensor | None = None,
+               statistics: dict[str, Tensor] | None = None) -> None:
+        """Score a batch of (B, 1, H, W) or (B, H, W) bool / 0-1 masks; ``hard`` flags edge-case images (B,).
+        ``statistics``: :func:`batch_statistics` of these masks when the caller already computed them (it also
+        wanted them image by image), so HD95 and the blob counts are not computed twice."""
+        stats = dict(statistics) if statistics is not None else batch_statistics(pred_masks, target_masks)
         batch_size = stats["tp"].shape[0]
         if hard is None:
             hard = torch.zeros(batch_size, dtype=torch.bool)

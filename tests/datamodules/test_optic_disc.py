@@ -204,12 +204,18 @@ def test_inference_inputs_equal_the_evaluation_batch(disc_root: Path, tmp_path: 
     torch.testing.assert_close(inputs[0][0], batch["image"][0])
 
 
-def test_a_prediction_maps_back_onto_the_photograph(tmp_path: Path):
+def wide_frame_pair() -> tuple[np.ndarray, np.ndarray]:
+    """:func:`bright_disc_pair` in a wide 160 x 120 camera frame (crop and padding both matter), and its mask."""
     image, mask = bright_disc_pair()
-    canvas = np.zeros((120, 160, 3), np.uint8)  # a wide camera frame: crop and padding both matter
+    canvas = np.zeros((120, 160, 3), np.uint8)
     canvas[10:106, 40:136] = image
     true_disc = np.zeros((120, 160), np.uint8)
     true_disc[10:106, 40:136] = mask
+    return canvas, true_disc
+
+
+def test_a_prediction_maps_back_onto_the_photograph(tmp_path: Path):
+    canvas, true_disc = wide_frame_pair()
     root = write_folder(tmp_path / "disc", [(canvas, true_disc)] * 12)
     dm = make_dm(root, tmp_path, image_size=48)
     dm.setup()
@@ -277,11 +283,7 @@ def test_both_datamodules_log_the_same_loud_banner(tmp_path: Path, caplog: pytes
 
 
 def test_test_batches_carry_each_photographs_own_mask_and_crop(tmp_path: Path):
-    image, mask = bright_disc_pair()
-    canvas = np.zeros((120, 160, 3), np.uint8)
-    canvas[10:106, 40:136] = image
-    true_disc = np.zeros((120, 160), np.uint8)
-    true_disc[10:106, 40:136] = mask
+    canvas, true_disc = wide_frame_pair()
     root = write_folder(tmp_path / "disc", [(canvas, true_disc)] * 12)
     dm = make_dm(root, tmp_path, image_size=48)
     dm.setup()
