@@ -396,6 +396,15 @@ def coarse_to_fine_mask(image_rgb: np.ndarray, first_probability: np.ndarray, fi
     return fused > threshold, search
 
 
+def pairs_fingerprint(pairs: pd.DataFrame) -> str:
+    """Short hash of (id, image size, mask size) of every pair of an index (``sample_id, image_path,
+    mask_path``), whatever its order: changes when the data does."""
+    return data_fingerprint(
+        f"{row.sample_id}|{Path(row.image_path).stat().st_size}|{Path(row.mask_path).stat().st_size}"
+        for row in pairs.sort_values("sample_id").itertuples()
+    )
+
+
 class DiscDataModule(LightningDataModule):
     """Reads, validates, splits (fixed test set + k-fold), caches and serves optic-disc segmentation pairs.
 
@@ -500,11 +509,7 @@ class DiscDataModule(LightningDataModule):
     def fingerprint(self) -> str:
         """Short hash of (id, image size, mask size) of every pair: changes when the data does."""
         self._require_setup()
-        rows = self.index.sort_values("sample_id").itertuples()
-        return data_fingerprint(
-            f"{row.sample_id}|{Path(row.image_path).stat().st_size}|{Path(row.mask_path).stat().st_size}"
-            for row in rows
-        )
+        return pairs_fingerprint(self.index)
 
     def split_table(self) -> pd.DataFrame:
         """sample_id, image_path, mask_path, split, hard: saved and logged with every run."""

@@ -67,7 +67,7 @@ from datamodules.dr import GRADING_TASK, DRDataModule
 from datamodules.dr_index import NUM_GRADES, unlabelled_images
 from datamodules.errors import DataValidationError
 from datamodules.fundus import data_fingerprint
-from datamodules.optic_disc import DISC_TASK, DiscDataModule
+from datamodules.optic_disc import DISC_TASK, DiscDataModule, pairs_fingerprint
 from datamodules.photograph import NotAFundusError, UnreadableImageError
 from experiments.evaluate_masks import NOT_SCORED_COLUMNS, mask_metrics, score_pairs
 from experiments.predict import PredictError, resolve_bundle, write_csv
@@ -307,8 +307,7 @@ def _evaluate_masks(cfg: DictConfig, bundle, found: str, datamodule, store: _Sto
     metrics |= _counts(not_scored, len(scored.per_image), len(pairs), scored.seconds,
                        ("unpaired", "skipped", "failed"))
     output, skipped_file = _write_tables(cfg, bundle, predictor, name, scored.per_image, not_scored)
-    fingerprint = data_fingerprint(f"{row.sample_id}|{Path(row.image_path).stat().st_size}|"
-                                   f"{Path(row.mask_path).stat().st_size}" for row in pairs.itertuples())
+    fingerprint = pairs_fingerprint(pairs)
 
     def overlays(folder: Path) -> None:
         for rank, (dice, image_name, overlay) in enumerate(scored.worst):
