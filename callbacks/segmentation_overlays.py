@@ -45,7 +45,8 @@ class SegmentationOverlays(Callback):
     ``predictions/test_per_image.csv`` (``image`` + every per-image metric), also to ``weights_dir``
     (the stage folder, filled in by the runner) when given, and ``overlays/worst_<k>_<stem>.png`` /
     ``overlays/best_<k>_<stem>.png`` for the ``num_images`` lowest- and highest-Dice images (k = 1 is the
-    extreme): the preprocessed image, true disc contour in green, predicted in azure, false detections in red.
+    extreme): the photograph at its own size (the network's preprocessed square for a test set without the
+    originals), true disc contour in green, predicted in azure, false detections in red.
     Without an MLflow logger (fast_dev_run) only the stage folder's table is written.
     """
 
@@ -113,13 +114,21 @@ class SegmentationOverlays(Callback):
 
     @staticmethod
     def _overlay(pl_module: LightningModule, dataset, index: int, dice: float, path: Path, prefix: str) -> Path:
+        """The overlay where the image was scored: on the photograph at its own size when the test set carries
+        it (``with_source``, as ``test/*`` and the Dice in the title are), else on the network's square."""
         net = pl_module.net
-        image, true_mask = dataset.cache.load(dataset.paths[index], dataset.mask_paths[index])
-        was_training = net.training
-        net.eval()
+        device = next(net.parameters()).device
+        tensor = dataset[index]["image"].to(device)
+        at_source = getattr(dataset, "with_source", False) and hasattr(pl_module, "predict_on_source")
         with torch.no_grad():
-            tensor = dataset[index]["image"].unsqueeze(0).to(next(net.parameters()).device)
-            predicted = binarize(net(tensor), pl_module.threshold)[0, 0].cpu().numpy()
-        net.train(was_training)
+            if at_source:
+                image, true_mask = dataset.photograph(index)
+                predicted = pl_module.predict_on_source(tensor, image, dataset.cache.preprocessing.crop_of(image))
+            else:
+                image, true_mask = dataset.cache.load(dataset.paths[index], dataset.mask_paths[index])
+                was_training = net.training
+                net.eval()
+                predicted = binarize(net(tensor[None]), pl_module.threshold)[0, 0].cpu().numpy()
+                net.train(was_training)
         title = f"{prefix} {Path(dataset.paths[index]).name}"
         return plot_segmentation_overlay(image, true_mask, predicted, path, dice, title)

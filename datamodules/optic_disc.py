@@ -344,13 +344,18 @@ class DiscSegmentationDataset(Dataset):
                                     preprocessing.image_size, rng or np.random.default_rng(0), jitter=rng is not None)
         return preprocessing.enhance(image), mask
 
+    def photograph(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Pair ``index`` as it is on disk: the (H0, W0, 3) uint8 RGB photograph and its (H0, W0) 0/1 mask."""
+        preprocessing = self.cache.preprocessing
+        return load_disc_pair(self.paths[index], self.mask_paths[index], preprocessing.mask_threshold,
+                              preprocessing.resize_masks, self.cache.check)
+
     def source(self, index: int) -> dict[str, torch.Tensor]:
         """The original mask and the crop box of pair ``index`` (and the photograph with ``with_source_image``):
         the photograph is decoded again (the cache holds only the network's square), which only the small test
         sets pay for."""
         preprocessing = self.cache.preprocessing
-        image, mask = load_disc_pair(self.paths[index], self.mask_paths[index], preprocessing.mask_threshold,
-                                     preprocessing.resize_masks, self.cache.check)
+        image, mask = self.photograph(index)
         item = {SOURCE_MASK_KEY: torch.from_numpy(np.ascontiguousarray(mask)),
                 SOURCE_CROP_KEY: torch.tensor(preprocessing.crop_of(image).as_tuple(), dtype=torch.int64)}
         if self.with_source_image:

@@ -249,18 +249,34 @@ class DiscSegmenter(LightningModule):
         boxes = batch[SOURCE_CROP_KEY].tolist()
         photographs = batch.get(SOURCE_IMAGE_KEY)
         for position, (probability, source, box) in enumerate(zip(probabilities, sources, boxes, strict=True)):
-            crop = SquareCrop(*box)
-            if self._second_pass is not None and photographs is not None:
-                preprocessing, settings = self._second_pass
-                predicted, search = coarse_to_fine_mask(photographs[position].cpu().numpy(), probability, crop,
-                                                        preprocessing, settings, self.threshold,
-                                                        self._probability_map)
-                if test_split:  # the hard-case set's images are counted in their own split already
-                    self._first_pass_outcomes[search.status] = self._first_pass_outcomes.get(search.status, 0) + 1
-            else:
-                predicted = mask_on_source(probability, crop, self.threshold)
+            photograph = None if photographs is None else photographs[position].cpu().numpy()
+            predicted, status = self._mask_on_source(probability, SquareCrop(*box), photograph)
+            if status is not None and test_split:  # the hard-case set's images are counted in their own split
+                self._first_pass_outcomes[status] = self._first_pass_outcomes.get(status, 0) + 1
             flag = None if hard is None else hard[position : position + 1].cpu()
             scores.update(torch.from_numpy(predicted)[None], source.cpu()[None] > 0, flag)
+
+    def _mask_on_source(self, probability: np.ndarray, crop: SquareCrop,
+                        photograph: np.ndarray | None) -> tuple[np.ndarray, str | None]:
+        """The binary mask at the photograph's size from the first pass's (S, S) ``probability``: after a
+        second pass on ``photograph`` when the test has one (with the first pass's outcome), else pasted back
+        (outcome ``None``)."""
+        if self._second_pass is not None and photograph is not None:
+            preprocessing, settings = self._second_pass
+            predicted, search = coarse_to_fine_mask(photograph, probability, crop, preprocessing, settings,
+                                                    self.threshold, self._probability_map)
+            return predicted, search.status
+        return mask_on_source(probability, crop, self.threshold), None
+
+    def predict_on_source(self, image: Tensor, photograph: np.ndarray, crop: SquareCrop) -> np.ndarray:
+        """One test image's predicted mask at its photograph's (H0, W0) size, exactly as ``test/*`` scores it:
+        ``image`` is the network's (3, S, S) input, ``crop`` the box it was cut from (for overlays)."""
+        was_training = self.net.training
+        self.net.eval()
+        try:
+            return self._mask_on_source(self._probability_map(image[None]), crop, photograph)[0]
+        finally:
+            self.net.train(was_training)
 
     @torch.no_grad()
     def _probability_map(self, image: Tensor) -> np.ndarray:
@@ -292,8 +308,14 @@ class DiscSegmenter(LightningModule):
         results["test/coarse_to_fine"] = float(self._second_pass is not None)
         if self._second_pass is not None:
             # the first pass's outcomes per test image: with no disc or several, the whole-photograph mask is kept
-            results |= {f"test/first_pass_{_metric_name(status)}": float(self._first_pass_outcomes.get(status, 0))
-                        for status in (FOUND, NO_DISC, SEVERAL)}
+            statuses = (FOUND, NO_DISC, SEVERAL)
+            counts = torch.tensor([self._first_pass_outcomes.get(status, 0) for status in statuses],
+                                  dtype=torch.float64, device=self.device)
+            trainer = getattr(self, "_trainer", None)
+            if trainer is not None:  # each process counted its own share of the test images
+                counts = trainer.strategy.reduce(counts, reduce_op="sum")
+            results |= {f"test/first_pass_{_metric_name(status)}": float(count)
+                        for status, count in zip(statuses, counts.tolist(), strict=True)}
         self.test_per_image = self.test_scores.per_image()
         self.test_scores.reset()
         self.test_net_scores.reset()

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Subset
 from callbacks.classification_diagnostics import ClassificationDiagnostics
 from callbacks.grading_explanations import GradingExplanations, first_indices_per_grade
 from callbacks.segmentation_overlays import SegmentationOverlays, worst_and_best
+from compression.benchmark import mask_pair_dice
 from datamodules.dr import DRDataModule
 from datamodules.optic_disc import DiscDataModule
 from datamodules.synthetic import render_fundus
@@ -244,6 +245,13 @@ def test_segmentation_stage_logs_its_per_image_table_and_extreme_overlays(store:
     expected += [f"overlays/best_{k}_{stem[i]}.png" for k, i in enumerate(best, start=1)]
     assert overlays.written == expected
     assert artifacts(client, logger.run_id, "overlays") == sorted(expected)
+
+    # the overlays show the mask that was scored: at the photograph's own size, with the row's Dice
+    worst = int(order[0])
+    photograph, true_mask = test.photograph(worst)
+    drawn = module.predict_on_source(test[worst]["image"], photograph, test.cache.preprocessing.crop_of(photograph))
+    assert drawn.shape == true_mask.shape == photograph.shape[:2] != (32, 32)
+    assert mask_pair_dice([(drawn, true_mask)])["dice_per_image"] == pytest.approx(table["dice"][worst], abs=1e-6)
 
 
 def test_without_mlflow_only_the_stage_files_and_ece_are_produced(dr_data: DRDataModule, tmp_path: Path):
