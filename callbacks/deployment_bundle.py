@@ -60,7 +60,7 @@ class DeploymentBundle(Callback):
 
     def __init__(self, weights_dir: str | None = None, int8: bool = True,
                  calibration_images: int = DEFAULT_CALIBRATION_IMAGES, exporter: Exporter = "auto",
-                 threads: int = 1):
+                 threads: int = 1, openvino: bool = True):
         if calibration_images < 1:
             raise ValueError(f"calibration_images={calibration_images} must be >= 1 (100 is the default)")
         if threads < 1:
@@ -70,6 +70,7 @@ class DeploymentBundle(Callback):
         self.calibration_images = calibration_images
         self.exporter = exporter
         self.threads = threads
+        self.openvino = openvino
         self.bundle: Bundle | None = None
         self.report: dict[str, float] = {}
 
@@ -124,7 +125,7 @@ class DeploymentBundle(Callback):
         return write_bundle(folder, net, example, input_names, spec["task"], spec, extra,
                             calibration_batches=calibration, int8_onnx=qat_int8 if self.int8 else None,
                             calibration_images=self.calibration_images, exporter=self.exporter,
-                            threads=self.threads, architecture=architecture)
+                            threads=self.threads, architecture=architecture, openvino=self.openvino)
 
     @staticmethod
     def _calibration(datamodule, input_names: tuple[str, ...]) -> Iterator[tuple[Tensor, ...]]:

@@ -8,12 +8,21 @@
 * ``ort_fp32``: the network exported to ONNX, run by ONNX Runtime;
 * ``ort_int8``: that ONNX file statically quantized to int8 by ONNX Runtime (QDQ, per-channel weights,
   ``compression.quantization.quantize_onnx_static``), calibrated on training images;
+* ``ov_fp32`` / ``ov_bf16``: the same ONNX file run by OpenVINO's CPU plugin with its float part in fp32 or
+  bf16 (``compression.openvino_runtime``; OpenVINO's own default on a bf16 CPU is bf16, so the hint is always
+  explicit);
+* ``ov_int8``: that ONNX file quantized by NNCF for OpenVINO (``quantize_openvino``), calibrated on the same
+  images as ``ort_int8``, saved as IR and run with its float remainder in fp32;
 * ``weight_shared``: k-means weight sharing without fine-tuning (``share_weights`` on a copy) saved in the
   packed format (``save_shared``, zlib): its file size and the quality of the shared network. It is not
   timed: ``load_shared`` decodes the file into a plain fp32 network, which runs exactly as ``eager`` does.
 
+Every row names the precision that really ran (``executed_precision``): for OpenVINO read from the compiled
+graph, whose convolutions may run in another precision than asked (bf16 asked on a CPU without it runs fp32).
+
 Every backend runs in one process, one after the other, at batch 1, with the same number of threads
-(``torch.set_num_threads`` and ONNX Runtime's intra-op threads), restored afterwards. Quality is measured on
+(``torch.set_num_threads``, ONNX Runtime's intra-op threads, OpenVINO's inference threads), restored
+afterwards. Quality is measured on
 (inputs, target) batches: pooled and per-image Dice at probability 0.5 for segmentation, quadratic-weighted
 kappa (QWK) for grading, and for both the agreement of each backend with fp32 eager (Dice of the masks,
 top-1 agreement of the grades).
@@ -44,6 +53,14 @@ from matplotlib.lines import Line2D
 from torch import Tensor, nn
 
 from compression.export import Exporter, as_ort_array, export_onnx, ort_session
+from compression.openvino_runtime import (
+    OpenVINOSession,
+    cpu_capabilities,
+    openvino_version,
+    quantize_openvino,
+    save_ir,
+)
+from compression.openvino_runtime import read_model as read_openvino_model
 from compression.packed_format import save_shared
 from compression.quantization import (
     DEFAULT_CALIBRATION_IMAGES,
@@ -60,8 +77,14 @@ from lightning_modules.seg_metrics import binarize, overlap_scores
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("eager", "channels_last", "bf16", "ort_fp32", "ort_int8")
+BACKENDS = ("eager", "channels_last", "bf16", "ort_fp32", "ort_int8", "ov_fp32", "ov_bf16", "ov_int8")
+#: the backends that need calibration images
+INT8_BACKENDS = ("ort_int8", "ov_int8")
 WEIGHT_SHARED = "weight_shared"
+#: what each PyTorch / ONNX Runtime row runs in (ONNX Runtime fuses the QDQ file's convolutions into int8
+#: QLinearConv; OpenVINO's rows read theirs from the compiled graph)
+_STATED_PRECISION = {"eager": "fp32", "channels_last": "fp32", "bf16": "bf16", "ort_fp32": "fp32",
+                     "ort_int8": "int8", WEIGHT_SHARED: "fp32"}
 SEGMENTATION, GRADING = "segmentation", "grading"
 TASKS = (SEGMENTATION, GRADING)
 #: the headline quality of each task (the ``quality`` column)
@@ -103,6 +126,9 @@ def cpu_description(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> dict[str, A
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch": torch.__version__,
         "onnxruntime": ort.__version__,
+        "openvino": openvino_version(),
+        # what OpenVINO's CPU plugin can run here (BF16: its default float precision is bf16)
+        "openvino_capabilities": " ".join(cpu_capabilities()),
     }
 
 
@@ -275,11 +301,23 @@ def _ort_runner(path: Path, input_names: Sequence[str], threads: int) -> _Runner
     return _Runner(prepare, lambda feed: torch.from_numpy(session.run(None, feed)[0]), float(path.stat().st_size))
 
 
+def _openvino_runner(session: OpenVINOSession, file_bytes: float) -> _Runner:
+    def prepare(inputs: tuple[Tensor, ...]) -> list[np.ndarray]:
+        return [as_ort_array(value) for value in inputs]
+
+    return _Runner(prepare, lambda arrays: torch.from_numpy(session.run(arrays)[0]), float(file_bytes))
+
+
 def artifact_paths(workdir: str | os.PathLike, name: str, k: int = 16) -> dict[str, Path]:
-    """Where :func:`benchmark_backends` writes a model's files: ``onnx_fp32``, ``onnx_int8``, ``shared``."""
+    """Where :func:`benchmark_backends` writes a model's files: ``onnx_fp32``, ``onnx_int8``, ``ov_int8`` (IR
+    ``.xml``, its weights in the ``.bin`` beside it), ``shared``."""
     workdir = Path(workdir)
     return {"onnx_fp32": workdir / f"{name}_fp32.onnx", "onnx_int8": workdir / f"{name}_int8.onnx",
-            "shared": workdir / f"{name}_shared_k{k}{PACKED_SUFFIX}"}
+            "ov_int8": workdir / f"{name}_ov_int8.xml", "shared": workdir / f"{name}_shared_k{k}{PACKED_SUFFIX}"}
+
+
+def _ir_bytes(xml_path: Path) -> float:
+    return float(xml_path.stat().st_size + xml_path.with_suffix(".bin").stat().st_size)
 
 
 def benchmark_backends(
@@ -303,6 +341,8 @@ def benchmark_backends(
     dynamic_spatial: bool = False,
     exporter: Exporter = "auto",
     sources: Sequence[SourceMask] | None = None,
+    single_thread_latency: bool = False,
+    throughput_batches: Sequence[int] = (),
 ) -> list[dict[str, Any]]:
     """Latency, sizes and quality of ``net`` on every backend of ``backends`` (see the module docstring),
     plus a ``weight_shared`` row unless ``weight_sharing_k`` is None.
@@ -314,7 +354,7 @@ def benchmark_backends(
             ``calibration_images`` images are used.
         workdir: where the ONNX and packed files are written (``artifact_paths``).
         runs, warmup: timed calls (the median, min and max are reported) after untimed ones.
-        threads: PyTorch and ONNX Runtime intra-op threads for every backend; default every usable core.
+        threads: PyTorch, ONNX Runtime and OpenVINO threads for every backend; default every usable core.
         backends: a subset of ``BACKENDS`` to report; ``eager`` is measured first in any case (it is the
             reference of the quality deltas and agreements).
         name: the model's name in the rows and file names.
@@ -332,23 +372,33 @@ def benchmark_backends(
         sources: segmentation: each evaluation image's original mask and crop box, in ``eval_batches`` order;
             the Dice is then scored at the photographs' own size (:func:`segmentation_quality`).
         exporter: the ONNX exporter (``export_onnx``).
+        single_thread_latency: also time every backend at batch 1 on one thread (``latency_ms_1_thread``):
+            what a clinic PC busy with other work gets.
+        throughput_batches: batch sizes to time each backend at (``threads`` threads); the one giving the
+            most images per second is reported (``throughput_batch``, ``throughput_images_per_s``): a clinic
+            grades a day's folder at once.
 
     Returns:
-        One dict per backend: ``model``, ``backend``, ``params``, ``macs`` (at ``example_inputs``),
-        ``input_shape``, ``state_dict_bytes``, ``onnx_fp32_bytes``, ``onnx_int8_bytes``, ``shared_bytes``,
+        One dict per backend: ``model``, ``backend``, ``executed_precision``, ``params``, ``macs`` (at
+        ``example_inputs``), ``input_shape``, ``state_dict_bytes``, ``onnx_fp32_bytes``, ``onnx_int8_bytes``,
+        ``ov_int8_bytes``, ``shared_bytes``,
         ``file_bytes`` (the file this backend deploys), ``latency_ms_median`` / ``_min`` / ``_max``, ``runs``,
-        ``threads``, quality (``quality``, ``quality_delta`` = quality - eager's, ``agreement``, and ``dice``,
+        ``threads``, with ``single_thread_latency`` / ``throughput_batches`` also ``latency_ms_1_thread`` /
+        ``throughput_batch`` and ``throughput_images_per_s``, quality (``quality``, ``quality_delta`` =
+        quality - eager's, ``agreement``, and ``dice``,
         ``dice_per_image`` or ``qwk``) and ``error`` (empty unless this backend failed: a model type int8
         cannot quantize, a failed export; the other backends still run).
 
     Raises:
-        ValueError: bad arguments, or ``ort_int8`` with zero calibration images.
+        ValueError: bad arguments, or an int8 backend (``ort_int8``, ``ov_int8``) with zero calibration images.
     """
     unknown = sorted(set(backends) - set(BACKENDS))
     if unknown:
         raise ValueError(f"unknown backends {unknown}: choose from {BACKENDS}")
     if runs < 1 or warmup < 0:
         raise ValueError(f"runs={runs} must be >= 1 and warmup={warmup} >= 0")
+    if any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in throughput_batches):
+        raise ValueError(f"throughput_batches={list(throughput_batches)}: batch sizes must be ints >= 1")
     if len(input_names) != len(example_inputs):
         raise ValueError(f"{len(example_inputs)} example inputs but input_names {list(input_names)}: give one "
                          "name per forward argument")
@@ -357,7 +407,7 @@ def benchmark_backends(
     threads = default_threads() if threads is None else int(threads)
     paths = artifact_paths(workdir, name, weight_sharing_k or 16)
     feeds: list[dict[str, np.ndarray]] = []
-    if "ort_int8" in backends:
+    if set(INT8_BACKENDS) & set(backends):
         feeds = calibration_feeds(calibration_batches, input_names, calibration_images)
         if not feeds:
             raise ValueError(f"calibration with zero images for {name!r}: int8 needs training images to set "
@@ -371,6 +421,7 @@ def benchmark_backends(
               "quality_metric": QUALITY_METRIC[task] if eval_batches is not None else ""}
 
     written: dict[str, Path] = {}  # the files this call wrote (never a stale file left in workdir)
+    executed = dict(_STATED_PRECISION)  # OpenVINO's rows add what their compiled graphs run in
 
     def export() -> Path:
         if "onnx_fp32" not in written:
@@ -378,7 +429,9 @@ def benchmark_backends(
                                                dynamic_spatial=dynamic_spatial)
         return written["onnx_fp32"]
 
-    def build(backend: str) -> _Runner:
+    def build(backend: str, threads: int = threads) -> _Runner:
+        """The backend's runner on ``threads`` threads (ONNX Runtime's and OpenVINO's own; PyTorch's are set
+        around the timing); files already written for it are reused."""
         if backend == "eager":
             return _torch_runner(net, common["state_dict_bytes"])
         if backend == "channels_last":
@@ -389,9 +442,21 @@ def benchmark_backends(
             return _torch_runner(converted, state_dict_size_bytes(converted.model))
         if backend == "ort_fp32":
             return _ort_runner(export(), input_names, threads)
-        check_quantizable(net)  # ort_int8: a model int8 cannot quantize fails here, with the reason
-        written["onnx_int8"] = quantize_onnx_static(export(), paths["onnx_int8"], feeds)
-        return _ort_runner(written["onnx_int8"], input_names, threads)
+        if backend in ("ov_fp32", "ov_bf16"):
+            session = OpenVINOSession.open(export(), backend.removeprefix("ov_"), threads)
+            executed[backend] = session.executed
+            return _openvino_runner(session, export().stat().st_size)
+        check_quantizable(net)  # int8: a model int8 cannot quantize fails here, with the reason
+        if backend == "ort_int8":
+            if "onnx_int8" not in written:
+                written["onnx_int8"] = quantize_onnx_static(export(), paths["onnx_int8"], feeds)
+            return _ort_runner(written["onnx_int8"], input_names, threads)
+        if "ov_int8" not in written:
+            written["ov_int8"], _ = save_ir(quantize_openvino(read_openvino_model(export()), feeds),
+                                            paths["ov_int8"])
+        session = OpenVINOSession.open(written["ov_int8"], "fp32", threads)
+        executed[backend] = session.executed
+        return _openvino_runner(session, _ir_bytes(written["ov_int8"]))
 
     rows: list[dict[str, Any]] = []
     reference: Tensor | None = None
@@ -406,8 +471,13 @@ def benchmark_backends(
                 with torch.inference_mode():
                     latency = measure_latency(lambda runner=runner, prepared=prepared: runner.call(prepared),
                                               runs=runs, warmup=warmup)
-                row |= {"file_bytes": runner.file_bytes, "latency_ms_median": latency.median_ms,
+                row |= {"executed_precision": executed.get(backend, ""),
+                        "file_bytes": runner.file_bytes, "latency_ms_median": latency.median_ms,
                         "latency_ms_min": latency.min_ms, "latency_ms_max": latency.max_ms, "runs": latency.runs}
+                if single_thread_latency:
+                    row["latency_ms_1_thread"] = _latency_ms(build(backend, 1), inputs, 1, runs, warmup)
+                if throughput_batches:
+                    row |= _best_throughput(runner, inputs, throughput_batches, threads, runs)
                 if eval_batches is not None:
                     outputs, targets = predict_all(runner.predict, eval_batches)
                     row |= task_quality(task, outputs, targets, outputs if reference is None else reference,
@@ -431,14 +501,35 @@ def benchmark_backends(
                 written["shared"] = paths["shared"]
     sizes = {f"{kind}_bytes": float(written[kind].stat().st_size) if kind in written else math.nan
              for kind in ("onnx_fp32", "onnx_int8", "shared")}
+    sizes["ov_int8_bytes"] = _ir_bytes(written["ov_int8"]) if "ov_int8" in written else math.nan
     return [row | sizes for row in rows]
+
+
+def _latency_ms(runner: _Runner, inputs: tuple[Tensor, ...], threads: int, runs: int, warmup: int) -> float:
+    """Median ms of ``runner`` on ``inputs`` with PyTorch on ``threads`` threads."""
+    prepared = runner.prepare(inputs)
+    with torch_threads(threads), torch.inference_mode():
+        return measure_latency(lambda: runner.call(prepared), runs=runs, warmup=warmup).median_ms
+
+
+def _best_throughput(runner: _Runner, inputs: tuple[Tensor, ...], batches: Sequence[int], threads: int,
+                     runs: int) -> dict[str, float]:
+    """The batch size of ``batches`` at which ``runner`` gets through the most images per second, and that rate
+    (each batch size timed over about ``runs`` images, at least 3 calls, after one untimed call)."""
+    rates = {}
+    for batch in batches:
+        batched = tuple(t.expand(batch, *t.shape[1:]).contiguous() for t in inputs)
+        milliseconds = _latency_ms(runner, batched, threads, max(3, runs // batch), warmup=1)
+        rates[batch] = batch / (milliseconds / 1e3)
+    best = max(rates, key=rates.get)
+    return {"throughput_batch": float(best), "throughput_images_per_s": rates[best]}
 
 
 def _weight_shared_row(net: nn.Module, path: Path, k: int, architecture: Mapping[str, Any] | None,
                        eval_batches: Iterable[EvalBatch] | None, task: str | None, threshold: float,
                        reference: Tensor | None, eager_quality: float,
                        sources: Sequence[SourceMask] | None = None) -> dict[str, Any]:
-    row: dict[str, Any] = {"backend": WEIGHT_SHARED, "error": ""}
+    row: dict[str, Any] = {"backend": WEIGHT_SHARED, "error": "", "executed_precision": _STATED_PRECISION[WEIGHT_SHARED]}
     try:
         shared = copy.deepcopy(net)  # sharing parametrizes the layers in place
         share_weights(shared, k=k)
@@ -496,62 +587,109 @@ def _ratio(numerator: float, denominator: float) -> float:
 
 
 def _criterion(key: str, target: str, measured: float, comparison: str, required: float,
-               unit: str = "") -> dict[str, Any]:
+               unit: str = "", backend: str = "") -> dict[str, Any]:
     if math.isnan(measured):
         return {"key": key, "target": target, "measured": measured, "required": f"{comparison} {required:.4g}{unit}",
-                "met": False, "note": "not measured: a model or backend it needs is missing from this run or failed"}
+                "met": False, "backend": backend,
+                "note": "not measured: a model or backend it needs is missing from this run, failed, or lost "
+                        "more quality than its parity limit"}
     met = measured >= required if comparison == ">=" else measured <= required
     gap = abs(measured - required)
     note = (f"met with {gap:.3g}{unit} to spare" if met
             else f"missed by {gap:.3g}{unit} ({measured:.4g}{unit} {'<' if comparison == '>=' else '>'} "
                  f"{required:.4g}{unit})")
     return {"key": key, "target": target, "measured": measured, "required": f"{comparison} {required:.4g}{unit}",
-            "met": bool(met), "note": note}
+            "met": bool(met), "note": note, "backend": backend}
+
+
+#: the rows that are a deployment of a model (what a clinic would run), as against the PyTorch fp32 references
+DEPLOYED_BACKENDS = ("bf16", "ort_fp32", "ort_int8", "ov_fp32", "ov_bf16", "ov_int8")
+#: when a deployed row still gives its fp32 eager's answers, the limits of the suite's int8 parity checks
+#: (compression.quantization.int8_parity_problems): masks with a Dice of at least 0.98 against fp32 eager's;
+#: grades agreeing on at least 90% of the images with a QWK loss of at most 0.02. A fast row that changes the
+#: answers is no deployment, and never counts for a speed target.
+MIN_MASK_AGREEMENT = 0.98
+MIN_GRADE_AGREEMENT = 0.9
+MAX_QWK_LOSS = 0.02
+
+
+def within_parity(row: Mapping[str, Any]) -> bool:
+    """Whether a bench row gives its eager fp32's answers within the parity limits (a row without quality
+    measured counts: nothing says otherwise)."""
+    agreement, delta = row.get("agreement", math.nan), row.get("quality_delta", math.nan)
+    measured = [v for v in (agreement, delta) if isinstance(v, float) and not math.isnan(v)]
+    if not measured:
+        return True
+    if row.get("quality_metric") == "dice":
+        return not agreement < MIN_MASK_AGREEMENT
+    return not (agreement < MIN_GRADE_AGREEMENT or delta < -MAX_QWK_LOSS)
+
+
+def fastest_deployed(table: pd.DataFrame, pipeline: str, model: str,
+                     backends: Sequence[str] = DEPLOYED_BACKENDS) -> tuple[float, str]:
+    """(median latency, backend) of ``model``'s fastest row among ``backends`` that is ``within_parity``;
+    (NaN, "") when none is."""
+    rows = table[(table["pipeline"] == pipeline) & (table["model"] == model) & table["backend"].isin(backends)]
+    best = (math.nan, "")
+    for row in rows.to_dict("records"):
+        latency = float(row.get("latency_ms_median", math.nan))
+        if row.get("error") or math.isnan(latency) or not within_parity(row):
+            continue
+        if math.isnan(best[0]) or latency < best[0]:
+            best = (latency, str(row["backend"]))
+    return best
 
 
 def check_targets(table: pd.DataFrame, disc_reference: str = "base-64", disc_pruned: str = "prune-16",
                   dr_student: str = "student") -> list[dict[str, Any]]:
-    """The issue's four benchmark targets, each criterion as ``{key, target, measured, required, met, note}``.
+    """The benchmark targets, each criterion as ``{key, target, measured, required, met, note, backend}``.
 
-    1. ``disc_reference`` at the timed size: the faster of ort_int8 and bf16 >= 3x faster than its eager fp32;
-    2. ``disc_pruned`` in int8 >= 20x faster than ``disc_reference`` eager fp32, and its Dice within 5%
-       (relative) of the reference's eager Dice;
+    1. ``disc_reference``'s fastest deployed row (``fastest_deployed``: any runtime and precision whose masks
+       are ``within_parity`` of its fp32 eager's) >= 8x faster than its eager fp32;
+    2. ``disc_pruned``'s fastest int8 row (ONNX Runtime or OpenVINO) >= 100x faster than ``disc_reference``
+       eager fp32, and its Dice within 5% (relative) of the reference's eager Dice;
     3. the weight-shared file of ``disc_reference`` >= 7x smaller than its fp32 state dict, with a Dice loss
        of at most 1 point (0.01);
-    4. the DR student in ONNX Runtime int8 at most 1/3 of its eager fp32 latency, with a QWK loss <= 0.02.
+    4. the DR student's fastest deployed row at most 1/3 of its ONNX Runtime fp32 latency, with a QWK loss
+       <= 0.02 against its eager fp32.
 
-    Speed-ups are ratios of median latencies; qualities are the ``quality`` column (Dice, QWK).
+    Speed-ups are ratios of median latencies; qualities are the ``quality`` column (Dice, QWK). ``backend``
+    names the row a criterion was measured on.
     """
     def value(model: str, backend: str, column: str, pipeline: str = "disc") -> float:
         return _value(table, pipeline, model, backend, column)
 
     base_eager = value(disc_reference, "eager", "latency_ms_median")
-    low_precision = [value(disc_reference, backend, "latency_ms_median") for backend in ("ort_int8", "bf16")]
-    fastest_low_precision = min((v for v in low_precision if not math.isnan(v)), default=math.nan)
     base_quality = value(disc_reference, "eager", "quality")
-    student_eager = value(dr_student, "eager", "latency_ms_median", "dr")
+    base_deployed, base_backend = fastest_deployed(table, "disc", disc_reference)
+    pruned_int8, pruned_backend = fastest_deployed(table, "disc", disc_pruned, INT8_BACKENDS)
+    student_deployed, student_backend = fastest_deployed(table, "dr", dr_student)
     return [
-        _criterion("disc_low_precision_speedup", f"{disc_reference}: int8 or bf16 speed-up over its fp32 eager",
-                   _ratio(base_eager, fastest_low_precision), ">=", 3.0, "x"),
+        _criterion("disc_deployed_speedup", f"{disc_reference}: fastest deployed row's speed-up over its fp32 eager",
+                   _ratio(base_eager, base_deployed), ">=", 8.0, "x", base_backend),
         _criterion("pruned_int8_speedup", f"{disc_pruned} int8: speed-up over {disc_reference} fp32 eager",
-                   _ratio(base_eager, value(disc_pruned, "ort_int8", "latency_ms_median")), ">=", 20.0, "x"),
+                   _ratio(base_eager, pruned_int8), ">=", 100.0, "x", pruned_backend),
         _criterion("pruned_int8_dice_loss", f"{disc_pruned} int8: Dice loss relative to {disc_reference} fp32 eager",
-                   _ratio(base_quality - value(disc_pruned, "ort_int8", "quality"), base_quality), "<=", 0.05),
+                   _ratio(base_quality - value(disc_pruned, pruned_backend, "quality"), base_quality), "<=", 0.05,
+                   backend=pruned_backend),
         _criterion("shared_size_reduction", f"{disc_reference} weight-shared file: size reduction vs the fp32 state dict",
                    _ratio(value(disc_reference, WEIGHT_SHARED, "state_dict_bytes"),
-                          value(disc_reference, WEIGHT_SHARED, "file_bytes")), ">=", 7.0, "x"),
+                          value(disc_reference, WEIGHT_SHARED, "file_bytes")), ">=", 7.0, "x", WEIGHT_SHARED),
         _criterion("shared_dice_loss", f"{disc_reference} weight-shared: Dice loss vs fp32 eager",
-                   base_quality - value(disc_reference, WEIGHT_SHARED, "quality"), "<=", 0.01),
-        _criterion("student_int8_latency_fraction", f"DR {dr_student} ORT int8: latency as a fraction of its fp32 eager",
-                   _ratio(value(dr_student, "ort_int8", "latency_ms_median", "dr"), student_eager), "<=", 1 / 3),
-        _criterion("student_int8_qwk_loss", f"DR {dr_student} ORT int8: QWK loss vs fp32 eager",
-                   value(dr_student, "eager", "quality", "dr") - value(dr_student, "ort_int8", "quality", "dr"),
-                   "<=", 0.02),
+                   base_quality - value(disc_reference, WEIGHT_SHARED, "quality"), "<=", 0.01, backend=WEIGHT_SHARED),
+        _criterion("student_deployed_latency_fraction",
+                   f"DR {dr_student}: fastest deployed row's latency as a fraction of its ONNX Runtime fp32",
+                   _ratio(student_deployed, value(dr_student, "ort_fp32", "latency_ms_median", "dr")), "<=", 1 / 3,
+                   backend=student_backend),
+        _criterion("student_deployed_qwk_loss", f"DR {dr_student}: that row's QWK loss vs fp32 eager",
+                   value(dr_student, "eager", "quality", "dr") - value(dr_student, student_backend, "quality", "dr"),
+                   "<=", 0.02, backend=student_backend),
     ]
 
 
 # ------------------------------------------------------------------------------------------ the figure
-_MARKERS = {"eager": "o", "channels_last": "s", "bf16": "D", "ort_fp32": "^", "ort_int8": "v", WEIGHT_SHARED: "*"}
+_MARKERS = {"eager": "o", "channels_last": "s", "bf16": "D", "ort_fp32": "^", "ort_int8": "v", "ov_fp32": "<",
+            "ov_bf16": "P", "ov_int8": ">", WEIGHT_SHARED: "*"}
 
 
 def pareto_front(latency: Sequence[float], quality: Sequence[float]) -> np.ndarray:
@@ -624,9 +762,11 @@ def pareto_plot(table: pd.DataFrame, path: str | os.PathLike) -> Path:
 
 # ------------------------------------------------------------------------------------------ the report
 TABLE_COLUMNS = {
-    "pipeline": "pipeline", "model": "model", "backend": "backend", "params": "params", "MMACs": "MMACs",
-    "size_MB": "file MB", "latency_ms_median": "median ms", "latency_ms_min": "min ms",
-    "latency_ms_max": "max ms", "latency_vs_fp32": "vs fp32", "latency_vs_reference": "vs reference",
+    "pipeline": "pipeline", "model": "model", "backend": "backend", "executed_precision": "ran in",
+    "params": "params", "MMACs": "MMACs", "size_MB": "file MB", "latency_ms_median": "median ms",
+    "latency_ms_min": "min ms", "latency_ms_max": "max ms", "latency_ms_1_thread": "1-thread ms",
+    "throughput_images_per_s": "images/s", "throughput_batch": "at batch",
+    "latency_vs_fp32": "vs fp32", "latency_vs_reference": "vs reference",
     "quality_metric": "metric", "quality": "quality", "quality_delta": "delta vs fp32", "agreement": "agreement",
     "error": "error",
 }
@@ -646,12 +786,15 @@ def markdown_report(table: pd.DataFrame, targets: Sequence[Mapping[str, Any]], c
                     title: str = "CPU inference benchmark") -> str:
     """bench.md: the table, the targets (met / missed and by how much), the CPU and the thread count."""
     timing = f"{runs} timed runs after {warmup} warm-up runs" if runs is not None else "the timed runs"
-    lines = [f"# {title}", "", f"Batch 1, {threads} threads (PyTorch and ONNX Runtime); latency over {timing}; "
-             "ratios to the same model's fp32 eager (`vs fp32`) and to the pipeline's "
-             "uncompressed model (`vs reference`). `file MB`: the file each backend deploys (fp32 state dict, "
-             "bf16 state dict, ONNX fp32 / int8, packed weight-shared file).", "", markdown_table(table), "",
+    lines = [f"# {title}", "", f"Batch 1, {threads} threads (PyTorch, ONNX Runtime and OpenVINO); latency over "
+             f"{timing}; `1-thread ms`: the same on one thread; `images/s`: the most images per second over the "
+             "batch sizes tried (`at batch`); ratios to the same model's fp32 eager (`vs fp32`) and to the "
+             "pipeline's uncompressed model (`vs reference`). `ran in`: the precision the compute layers really "
+             "ran in (OpenVINO's read from its compiled graph). `file MB`: the file each backend deploys (fp32 "
+             "state dict, bf16 state dict, ONNX fp32 / int8, OpenVINO int8 IR, packed weight-shared file).", "",
+             markdown_table(table), "",
              "## Targets", ""]
-    target_table = pd.DataFrame(list(targets), columns=["target", "measured", "required", "met", "note"])
+    target_table = pd.DataFrame(list(targets), columns=["target", "backend", "measured", "required", "met", "note"])
     target_table["met"] = target_table["met"].map({True: "met", False: "MISSED"})
     lines += [target_table.to_markdown(index=False, floatfmt=".4g"), "", "## Machine", ""]
     lines += [f"- {key}: {value}" for key, value in cpu.items()]

@@ -10,6 +10,11 @@ A bundle is one folder (``<run>/<stage>/deploy/`` when the ``DeploymentBundle`` 
 * ``model.onnx``: the fp32 network (dynamic batch; the disc network's height and width are dynamic too);
 * ``model_int8.onnx`` (when int8 was produced): ONNX Runtime static int8, post-training or from
   quantization-aware training;
+* ``model.xml`` + ``model.bin`` and ``model_int8.xml`` + ``model_int8.bin`` (OpenVINO IR, fp32 weights kept
+  fp32): the same fp32 network for OpenVINO, and its int8 model — NNCF's post-training int8 calibrated on the
+  same images, or the quantization-aware training's int8 file read by OpenVINO. ``runtime`` in bundle.json
+  records each runtime's batch-1 latency on the CPU that wrote the bundle and the faster one per precision
+  (``Predictor``'s default, ``runtime=ort|openvino`` overrides it);
 * ``network.safetensors`` (when the network can be described): the torch network for GradCAM on request, as
   its state dict plus, in the file's metadata, its architecture entry
   (``compression.packed_format.describe_network``: a segmentation network's ``spec()``, the DR student's or a
@@ -23,7 +28,7 @@ A bundle is one folder (``<run>/<stage>/deploy/`` when the ``DeploymentBundle`` 
 The bundle needs no Lightning, no dataset and no config: ``load_bundle`` + ``Predictor`` rebuild the
 evaluation path of training (``datamodules.dr.grading_network_inputs`` /
 ``datamodules.optic_disc.disc_network_input``, the same functions the datamodules' ``inference_inputs`` use)
-from the spec and run ONNX Runtime on the CPU.
+from the spec and run ONNX Runtime or OpenVINO on the CPU.
 """
 
 from __future__ import annotations
@@ -44,13 +49,16 @@ from typing import Any
 import cv2
 import numpy as np
 import onnxruntime as ort
+import openvino as ov
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from scipy.special import expit, softmax
 from torch import Tensor, nn
 
-from compression.export import Exporter, export_onnx, onnx_parity, ort_session, run_session
+from compression.export import Exporter, export_onnx, onnx_parity, ort_session
+from compression.openvino_runtime import cpu_capabilities, quantize_openvino, save_ir
+from compression.openvino_runtime import read_model as read_openvino_model
 from compression.packed_format import build_network, describe_network
 from compression.quantization import (
     DEFAULT_CALIBRATION_IMAGES,
@@ -58,6 +66,7 @@ from compression.quantization import (
     measure_int8_parity,
     quantize_onnx_static,
 )
+from compression.runtimes import OPENVINO, ORT, RUNTIMES, open_runner
 from datamodules.dr import GRADING_TASK, grading_network_inputs, grading_preprocessing_from_spec
 from datamodules.fundus import mask_on_source
 from datamodules.optic_disc import (
@@ -68,6 +77,7 @@ from datamodules.optic_disc import (
     disc_preprocessing_from_spec,
 )
 from datamodules.photograph import PhotographCheck, read_photograph
+from lightning_modules.profiling import measure_latency
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +90,9 @@ DEPLOY_DIR_TAG = "deploy_dir"
 MANIFEST_FILE = "bundle.json"
 FP32_FILE = "model.onnx"
 INT8_FILE = "model_int8.onnx"
+#: OpenVINO IR: the .xml graph, its weights in the .bin of the same name
+OPENVINO_FP32_FILE = "model.xml"
+OPENVINO_INT8_FILE = "model_int8.xml"
 NETWORK_FILE = "network.safetensors"
 #: format 1's pickled whole network: removed when a folder is written again, never read
 LEGACY_NETWORK_FILE = "network.pt"
@@ -89,10 +102,15 @@ NETWORK_FORMAT = "retina-compress/network"
 HASHES_KEY = "sha256"
 TASKS = (GRADING_TASK, DISC_TASK)
 PRECISIONS = ("int8", "fp32")
+#: ``runtime=auto``: the runtime bundle.json recorded as the faster one for the precision
+AUTO_RUNTIME = "auto"
+RUNTIME_CHOICES = (AUTO_RUNTIME, *RUNTIMES)
+#: the runtimes' names in messages
+RUNTIME_NAMES = {ORT: "ONNX Runtime", OPENVINO: "OpenVINO"}
 DEFAULT_THRESHOLD = 0.5
 #: bundle.json keys written by write_bundle itself; ``extra`` may not replace them
 _RESERVED_KEYS = frozenset({"format", "task", "input_names", "output_names", "preprocessing", "files", HASHES_KEY,
-                            "int8", "fp32_max_abs_diff", "versions", "created"})
+                            "int8", "fp32_max_abs_diff", "versions", "created", "openvino", "runtime"})
 
 
 class BundleError(ValueError):
@@ -155,6 +173,37 @@ class Bundle:
             return self.int8_path, "int8"
         return self.fp32_path, "fp32"
 
+    def model_path(self, runtime: str = ORT, precision: str = "int8") -> tuple[Path, str]:
+        """(model file, its precision) for ``runtime``: the ONNX files for ONNX Runtime, the IR for OpenVINO;
+        ``int8`` gives the int8 model when the bundle has one for that runtime, else fp32.
+
+        Raises:
+            BundleError: OpenVINO asked of a bundle without its IR (written before it had one, or OpenVINO
+                failed then: bundle.json's ``openvino.error`` says why).
+        """
+        if runtime not in RUNTIMES:
+            raise ValueError(f"runtime={runtime!r}: choose one of {RUNTIMES}")
+        if runtime == ORT:
+            return self.onnx_path(precision)
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision={precision!r}: choose one of {PRECISIONS}")
+        fp32, int8 = self._file("openvino_fp32"), self._file("openvino_int8")
+        if fp32 is None:
+            reason = (self.manifest.get("openvino") or {}).get("error", "it was written without one")
+            raise BundleError(f"bundle {str(self.folder)!r} has no OpenVINO model ({reason}): run it with "
+                              f"runtime=ort, or {rebundle_advice(self.folder, self.task)}")
+        if precision == "int8" and int8 is not None:
+            return int8, "int8"
+        return fp32, "fp32"
+
+    def default_runtime(self, precision: str = "int8") -> str:
+        """The runtime bundle.json measured faster for ``precision`` on the CPU that wrote it; for int8 asked of
+        a bundle without an int8 model, fp32's (what then runs); ONNX Runtime for a bundle without that
+        measurement."""
+        measured = (self.manifest.get("runtime") or {}).get("default", {})
+        chosen = measured.get(precision) or measured.get("fp32")
+        return chosen if chosen in RUNTIMES else ORT
+
     def load_network(self) -> nn.Module:
         """The torch network (eval mode, CPU), rebuilt from its architecture and filled with its weights
         (:func:`read_network_file`): nothing is unpickled."""
@@ -179,6 +228,7 @@ def write_bundle(
     exporter: Exporter = "auto",
     threads: int = 1,
     architecture: Mapping[str, Any] | None = None,
+    openvino: bool = True,
 ) -> Bundle:
     """Write the bundle of ``net`` into ``folder`` (created; earlier bundle files replaced); return it loaded.
 
@@ -188,6 +238,10 @@ def write_bundle(
     tuples of tensors in ``input_names`` order), up to ``calibration_images`` images calibrate a post-training
     static int8 model. Either way its parity with ``net`` on those calibration images goes into bundle.json.
     A failing int8 step is logged as a warning and recorded as ``int8.error``: the fp32 bundle stays usable.
+    With ``openvino`` the same models are also written as OpenVINO IR (the int8 one by NNCF from the same
+    calibration images, or read from ``int8_onnx``), with their parity, and both runtimes are timed at batch 1
+    on ``threads`` threads to record the faster per precision (``runtime`` in bundle.json); a failing
+    OpenVINO step is recorded as ``openvino.error`` and leaves the ONNX files usable.
     ``extra`` adds keys to bundle.json (``stage``, ``class_names`` for grading, ``threshold`` for disc, run
     ids).
     The network file (for GradCAM) holds ``net``'s weights and ``architecture``
@@ -212,7 +266,8 @@ def write_bundle(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     # the manifest first: an interrupted write never leaves a bundle that mixes old and new files
-    for name in (MANIFEST_FILE, FP32_FILE, INT8_FILE, NETWORK_FILE, LEGACY_NETWORK_FILE):
+    for name in (MANIFEST_FILE, FP32_FILE, INT8_FILE, NETWORK_FILE, LEGACY_NETWORK_FILE,
+                 *_ir_files(OPENVINO_FP32_FILE), *_ir_files(OPENVINO_INT8_FILE)):
         (folder / name).unlink(missing_ok=True)
     network = copy.deepcopy(net).cpu().eval().to(memory_format=torch.contiguous_format)
     inputs = tuple(tensor[:1].detach().cpu().contiguous() for tensor in example_inputs)
@@ -221,11 +276,13 @@ def write_bundle(
     fp32_difference = onnx_parity(network, fp32_path, inputs, threads=threads)
     network_file = _save_network(network, architecture, folder / NETWORK_FILE, inputs)
     int8: dict[str, Any] | None = None
+    threshold = float(extra.get("threshold", DEFAULT_THRESHOLD))
+    feeds = ([] if calibration_batches is None
+             else calibration_feeds(calibration_batches, input_names, calibration_images))
     if int8_onnx is not None or calibration_batches is not None:
         try:
-            threshold = float(extra.get("threshold", DEFAULT_THRESHOLD))
-            int8 = _int8_model(network, fp32_path, folder / INT8_FILE, input_names, calibration_batches,
-                               int8_onnx, calibration_images, threshold, threads)
+            int8 = _int8_model(network, fp32_path, folder / INT8_FILE, input_names, feeds, int8_onnx, threshold,
+                               threads)
         except Exception as error:  # any int8 failure leaves the fp32 bundle usable
             (folder / INT8_FILE).unlink(missing_ok=True)
             log.warning("Int8 model for the bundle in %s failed (%s: %s); the bundle keeps the fp32 model "
@@ -237,6 +294,14 @@ def write_bundle(
             class_names = [str(index) for index in range(int(network(*inputs).shape[1]))]
     files = {"fp32": FP32_FILE, "int8": INT8_FILE if int8 and "error" not in int8 else None,
              "network": network_file.name if network_file else None}
+    openvino_models: dict[str, Any] | None = None
+    runtime: dict[str, Any] | None = None
+    if openvino:
+        qat_int8 = folder / INT8_FILE if int8_onnx is not None and files["int8"] else None
+        openvino_models, ir_files = _openvino_models(network, folder, fp32_path, qat_int8, feeds, inputs,
+                                                     input_names, threshold, threads)
+        files |= ir_files
+        runtime = _fastest_runtimes(folder, files, inputs, threads)
     manifest: dict[str, Any] = {
         "format": BUNDLE_FORMAT,
         "task": task,
@@ -247,7 +312,10 @@ def write_bundle(
         HASHES_KEY: {name: file_sha256(folder / name) for name in files.values() if name},
         "fp32_max_abs_diff": fp32_difference,
         "int8": int8,
-        "versions": {"torch": torch.__version__, "onnxruntime": ort.__version__},
+        "openvino": openvino_models,
+        "runtime": runtime,
+        "versions": {"torch": torch.__version__, "onnxruntime": ort.__version__, "openvino": ov.__version__,
+                     "nncf": _nncf_version()},
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         **dict(extra),
     }
@@ -332,10 +400,8 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def _int8_model(network: nn.Module, fp32_path: Path, int8_path: Path, input_names: Sequence[str],
-                calibration_batches: Iterable[Tensor | Sequence[Tensor]] | None, int8_onnx: Path | None,
-                calibration_images: int, threshold: float, threads: int) -> dict[str, Any]:
-    feeds = ([] if calibration_batches is None
-             else calibration_feeds(calibration_batches, input_names, calibration_images))
+                feeds: Sequence[Mapping[str, np.ndarray]], int8_onnx: Path | None, threshold: float,
+                threads: int) -> dict[str, Any]:
     if int8_onnx is not None:
         if not Path(int8_onnx).is_file():
             raise FileNotFoundError(f"int8 model {str(int8_onnx)!r} does not exist")
@@ -346,10 +412,104 @@ def _int8_model(network: nn.Module, fp32_path: Path, int8_path: Path, input_name
         int8 = {"source": "post-training static quantization", "calibration_images": len(feeds)}
     ort_session(int8_path, threads)  # checks that ONNX Runtime loads the file, calibration images or not
     if feeds:
-        batches = ({name: torch.from_numpy(feed[name]) for name in input_names} for feed in feeds)
-        int8["parity"] = measure_int8_parity(network, int8_path, batches, input_names, target_key=None,
-                                             threshold=threshold, threads=threads)
+        int8["parity"] = _feeds_parity(network, int8_path, feeds, input_names, threshold, threads)
     return int8
+
+
+def _feeds_parity(network: nn.Module, model_path: Path, feeds: Sequence[Mapping[str, np.ndarray]],
+                  input_names: Sequence[str], threshold: float, threads: int) -> dict[str, float]:
+    batches = ({name: torch.from_numpy(feed[name]) for name in input_names} for feed in feeds)
+    return measure_int8_parity(network, model_path, batches, input_names, target_key=None, threshold=threshold,
+                               threads=threads)
+
+
+def _ir_files(xml_name: str) -> tuple[str, str]:
+    return xml_name, str(Path(xml_name).with_suffix(".bin"))
+
+
+def _nncf_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("nncf")
+    except PackageNotFoundError:
+        return ""
+
+
+def _openvino_models(network: nn.Module, folder: Path, fp32_path: Path, qat_int8: Path | None,
+                     feeds: Sequence[Mapping[str, np.ndarray]], inputs: tuple[Tensor, ...],
+                     input_names: Sequence[str], threshold: float,
+                     threads: int) -> tuple[dict[str, Any], dict[str, str | None]]:
+    """The bundle's OpenVINO IR files: (bundle.json's ``openvino`` entry, the ``files`` entries). The fp32 IR
+    is checked against ``network`` on ``inputs``; the int8 IR (QAT's file when ``qat_int8``, else NNCF on
+    ``feeds``) gets the same parity numbers as the ONNX int8 model. A failure is recorded, never raised."""
+    files: dict[str, str | None] = dict.fromkeys(("openvino_fp32", "openvino_fp32_weights", "openvino_int8",
+                                                  "openvino_int8_weights"))
+    try:
+        xml, weights = save_ir(read_openvino_model(fp32_path), folder / OPENVINO_FP32_FILE)
+        run, executed = open_runner(xml, OPENVINO, threads)
+        with torch.no_grad():
+            expected = network(*inputs).float().numpy()
+        entry: dict[str, Any] = {"fp32": {"max_abs_diff": float(np.abs(run(inputs)[0] - expected).max()),
+                                          "executed_precision": executed}}
+        files |= {"openvino_fp32": xml.name, "openvino_fp32_weights": weights.name}
+    except Exception as error:  # an operation OpenVINO lacks must not lose the ONNX bundle
+        for name in _ir_files(OPENVINO_FP32_FILE):
+            (folder / name).unlink(missing_ok=True)
+        log.warning("OpenVINO model for the bundle in %s failed (%s: %s); the bundle keeps its ONNX models",
+                    folder, type(error).__name__, error)
+        return {"error": f"{type(error).__name__}: {str(error)[:500]}"}, files
+    if qat_int8 is None and not feeds:
+        return entry, files
+    try:
+        if qat_int8 is not None:
+            model = read_openvino_model(qat_int8)
+            int8: dict[str, Any] = {"source": "quantization-aware training (its int8 ONNX file)"}
+        else:
+            model = quantize_openvino(read_openvino_model(fp32_path), feeds)
+            int8 = {"source": "NNCF post-training quantization", "calibration_images": len(feeds)}
+        xml, weights = save_ir(model, folder / OPENVINO_INT8_FILE)
+        int8["executed_precision"] = open_runner(xml, OPENVINO, threads)[1]
+        if feeds:
+            int8["parity"] = _feeds_parity(network, xml, feeds, input_names, threshold, threads)
+        files |= {"openvino_int8": xml.name, "openvino_int8_weights": weights.name}
+    except Exception as error:
+        for name in _ir_files(OPENVINO_INT8_FILE):
+            (folder / name).unlink(missing_ok=True)
+        log.warning("OpenVINO int8 model for the bundle in %s failed (%s: %s)", folder, type(error).__name__, error)
+        int8 = {"error": f"{type(error).__name__}: {str(error)[:500]}"}
+    entry["int8"] = int8
+    return entry, files
+
+
+#: timed calls per (runtime, precision) when a bundle records its faster runtime: enough for a stable median
+#: of a batch-1 call, few enough that writing a bundle stays a matter of seconds
+_RUNTIME_TIMING_RUNS = 15
+
+
+def _fastest_runtimes(folder: Path, files: Mapping[str, str | None], inputs: tuple[Tensor, ...],
+                      threads: int) -> dict[str, Any]:
+    """Batch-1 median latency of every model file of the bundle on its runtime, and the faster runtime per
+    precision: what ``runtime=auto`` runs."""
+    models = {(ORT, "fp32"): files.get("fp32"), (ORT, "int8"): files.get("int8"),
+              (OPENVINO, "fp32"): files.get("openvino_fp32"), (OPENVINO, "int8"): files.get("openvino_int8")}
+    latency: dict[str, float] = {}
+    for (runtime, precision), name in models.items():
+        if not name:
+            continue
+        try:
+            run, _ = open_runner(folder / name, runtime, threads)
+            latency[f"{runtime}_{precision}"] = measure_latency(lambda run=run: run(inputs), _RUNTIME_TIMING_RUNS,
+                                                                warmup=3).median_ms
+        except Exception as error:  # a runtime that cannot run its file is simply not a candidate
+            log.warning("Timing %s on %s failed: %s", name, runtime, error)
+    default = {}
+    for precision in PRECISIONS:
+        candidates = {runtime: latency[f"{runtime}_{precision}"] for runtime in RUNTIMES
+                      if f"{runtime}_{precision}" in latency}
+        if candidates:
+            default[precision] = min(candidates, key=candidates.get)
+    return {"latency_ms": latency, "default": default, "threads": threads, "cpu_capabilities": cpu_capabilities()}
 
 
 def write_atomically(path: str | os.PathLike, write: Callable[[Path], object]) -> None:
@@ -483,14 +643,20 @@ class DiscPrediction:
 
 
 class Predictor:
-    """Runs a bundle on image files: decode, check, preprocess exactly as training's evaluation, ONNX Runtime.
+    """Runs a bundle on image files: decode, check, preprocess exactly as training's evaluation, then the model
+    on ONNX Runtime or OpenVINO.
 
-    ``precision="int8"`` uses the bundle's int8 model when it has one (else fp32, see ``self.precision``).
+    ``precision="int8"`` uses the bundle's int8 model when it has one (else fp32, see ``self.precision``);
+    ``runtime="auto"`` the runtime the bundle measured faster for that precision (``self.runtime``), ``ort``
+    or ``openvino`` that one.
     """
 
-    def __init__(self, bundle: Bundle, precision: str = "int8", threads: int = 1):
+    def __init__(self, bundle: Bundle, precision: str = "int8", threads: int = 1, runtime: str = AUTO_RUNTIME):
+        if runtime not in RUNTIME_CHOICES:
+            raise ValueError(f"runtime={runtime!r}: choose one of {RUNTIME_CHOICES}")
         self.bundle = bundle
-        self.onnx_path, self.precision = bundle.onnx_path(precision)
+        self.runtime = bundle.default_runtime(precision) if runtime == AUTO_RUNTIME else runtime
+        self.model_path, self.precision = bundle.model_path(self.runtime, precision)
         spec = bundle.preprocessing
         try:
             if bundle.task == GRADING_TASK:
@@ -506,7 +672,7 @@ class Predictor:
         except (KeyError, TypeError, ValueError) as error:
             message = f"bundle {str(bundle.folder)!r}: its preprocessing spec cannot be used ({error})"
             raise BundleError(message) from error
-        self.session = ort_session(self.onnx_path, threads)
+        self._model, self.executed_precision = open_runner(self.model_path, self.runtime, threads)
 
     def predict_file(self, path: str | os.PathLike) -> GradingPrediction | DiscPrediction:
         """The prediction for one file.
@@ -524,7 +690,7 @@ class Predictor:
 
     def _run(self, inputs: Sequence[Tensor]) -> tuple[np.ndarray, float]:
         started = time.perf_counter()
-        (logits,) = run_session(self.session, inputs)[:1]
+        (logits,) = self._model(inputs)[:1]
         return logits, (time.perf_counter() - started) * 1e3
 
     def _grade(self, image: np.ndarray, started: float) -> GradingPrediction:
@@ -558,6 +724,13 @@ class Predictor:
         mask = found.astype(np.uint8) * np.uint8(255)
         latency_ms = (time.perf_counter() - started) * 1e3
         return DiscPrediction(mask, disc_overlay(image, mask), (tensor,), latency_ms, model_ms, first_pass)
+
+
+def describe_predictor(predictor: Predictor) -> str:
+    """What a predictor runs, for a log line: ``int8 model model_int8.xml on OpenVINO (runs in int8)``."""
+    running = f" (runs in {predictor.executed_precision})" if predictor.executed_precision else ""
+    return (f"{predictor.precision} model {predictor.model_path.name} on {RUNTIME_NAMES[predictor.runtime]}"
+            f"{running}")
 
 
 def disc_overlay(image_rgb: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int] = (0, 255, 0),

@@ -89,8 +89,9 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchmetrics.functional.classification import binary_stat_scores
 
-from compression.export import DEFAULT_OPSET, Exporter, as_ort_array, export_onnx, ort_session, run_session
+from compression.export import DEFAULT_OPSET, Exporter, as_ort_array, export_onnx
 from compression.parity import DeployableParityError
+from compression.runtimes import open_runner
 
 log = logging.getLogger(__name__)
 
@@ -649,9 +650,10 @@ def measure_int8_parity(
     max_batches: int | None = None,
     threads: int = 1,
 ) -> dict[str, float]:
-    """:func:`int8_parity` of ``model`` (eval mode) against the int8 ONNX file over dict batches (e.g. a
-    validation loader); the targets are ``batch[target_key]`` when present. Adds ``images``."""
-    session = ort_session(int8_path, threads)
+    """:func:`int8_parity` of ``model`` (eval mode) against the int8 model file over dict batches (e.g. a
+    validation loader); the targets are ``batch[target_key]`` when present. Adds ``images``. An ONNX file runs
+    on ONNX Runtime, an OpenVINO IR ``.xml`` on OpenVINO (``compression.runtimes.open_runner``)."""
+    run, _ = open_runner(int8_path, threads=threads)
     reference_device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -663,7 +665,7 @@ def measure_int8_parity(
                     break
                 inputs = tuple(batch[name] for name in input_names)
                 references.append(model(*(t.to(reference_device) for t in inputs)).float().cpu())
-                quantized.append(torch.from_numpy(run_session(session, inputs)[0]))
+                quantized.append(torch.from_numpy(run(inputs)[0]))
                 if target_key is not None and target_key in batch:
                     targets.append(batch[target_key])
     finally:

@@ -19,6 +19,7 @@ parent run, and prints the Markdown.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -54,9 +55,10 @@ from compression.benchmark import (
     pareto_plot,
     torch_threads,
 )
-from compression.deploy import PRECISIONS, Predictor, load_bundle
+from compression.deploy import PRECISIONS, BundleError, Predictor, load_bundle
 from compression.export import as_ort_array, network_input_names, ort_session, quiet_onnx_tool_logs
 from compression.packed_format import vgg_unet_architecture
+from compression.runtimes import OPENVINO, ORT, RUNTIMES
 from datamodules.dr import DRDataModule
 from datamodules.fundus import SquareCrop, read_rgb
 from datamodules.optic_disc import SOURCE_CROP_KEY, SOURCE_MASK_KEY, DiscDataModule, coarse_to_fine_from_spec
@@ -75,6 +77,8 @@ CHAIN_TASK, DR_TASK = "glaucoma-iterations", "dr-distill"
 LATEST = "latest"
 #: the column order of bench.csv (the measured columns follow)
 LEADING_COLUMNS = ["pipeline", "model", "backend", "source"]
+#: a runtime's clinic rows are named as its backends in the per-network rows (ort_int8, ov_int8, ...)
+CLINIC_BACKEND_PREFIX = {ORT: "ort", OPENVINO: "ov"}
 
 
 @dataclass
@@ -351,8 +355,8 @@ def dr_pipeline(cfg: DictConfig, mode: str, run_dir: Path | None) -> Pipeline:
 def _disc_clinic_rows(cfg: DictConfig, pipeline: Pipeline, threads: int) -> list[dict[str, Any]]:
     """The clinic's whole path for one test photograph through each measured stage's deployment bundle: decode,
     check, preprocess, the network (twice with coarse-to-fine: the whole photograph, then the crop around the
-    disc it found) and the mask pasted back at the photograph's size; ONNX Runtime fp32 and, where the bundle
-    has one, int8."""
+    disc it found) and the mask pasted back at the photograph's size; fp32 and, where the bundle has one, int8,
+    on ONNX Runtime and, where the bundle has its IR, OpenVINO."""
     if pipeline.run_dir is None:
         return []
     test_paths = list(pipeline.datamodule.datasets["test"].paths)
@@ -364,12 +368,17 @@ def _disc_clinic_rows(cfg: DictConfig, pipeline: Pipeline, threads: int) -> list
             continue
         bundle = load_bundle(folder)
         passes = "two passes" if coarse_to_fine_from_spec(bundle.preprocessing).enabled else "one pass"
-        for precision in PRECISIONS:
-            predictor = Predictor(bundle, precision, threads)
+        for runtime, precision in itertools.product(RUNTIMES, PRECISIONS):
+            try:
+                predictor = Predictor(bundle, precision, threads, runtime)
+            except BundleError:
+                continue  # a bundle written before it held OpenVINO IR
             if predictor.precision != precision:
                 continue  # no int8 model in this bundle
             latency = measure_latency(lambda predictor=predictor: predictor.predict_file(path), runs=runs, warmup=2)
-            rows.append({"model": f"full pipeline ({model.name}, {passes})", "backend": f"ort_{precision}",
+            rows.append({"model": f"full pipeline ({model.name}, {passes})",
+                         "backend": f"{CLINIC_BACKEND_PREFIX[runtime]}_{precision}",
+                         "executed_precision": predictor.executed_precision or precision,
                          "latency_ms_median": latency.median_ms, "latency_ms_min": latency.min_ms,
                          "latency_ms_max": latency.max_ms, "runs": latency.runs, "threads": threads, "error": "",
                          **_clinic_dice(predictor, test_paths, pipeline.sources)})
@@ -439,6 +448,8 @@ def measure_pipeline(cfg: DictConfig, pipeline: Pipeline, workdir: Path, threads
             architecture=model.architecture, calibration_images=int(bench.calibration_images),
             dynamic_spatial=pipeline.dynamic_spatial, exporter=str(bench.exporter),
             sources=None if model.eval_batches else pipeline.sources,
+            single_thread_latency=bool(bench.single_thread_latency),
+            throughput_batches=tuple(int(b) for b in bench.throughput_batches),
         )
     if pipeline.key == "dr":
         rows += _dr_clinic_rows(cfg, pipeline, workdir, threads)
@@ -452,8 +463,9 @@ def _metric_key(text: str) -> str:
 
 
 def pipeline_metrics(table: pd.DataFrame) -> dict[str, float]:
-    """MLflow metrics of bench rows: ``bench/<model>/<backend>/<measure>`` and the int8 parity
-    ``quant/<model>/dice_delta`` (or ``qwk_delta``) and ``quant/<model>/agreement``."""
+    """MLflow metrics of bench rows: ``bench/<model>/<backend>/<measure>`` and every backend's parity with fp32
+    eager, ``quant/<model>/<backend>/dice_delta`` (or ``qwk_delta``) and ``quant/<model>/<backend>/agreement``
+    (ONNX Runtime int8's also as ``quant/<model>/dice_delta`` and ``quant/<model>/agreement``)."""
     metrics: dict[str, float] = {}
     for row in table.to_dict("records"):
         prefix = f"bench/{_metric_key(row['model'])}/{row['backend']}"
@@ -462,11 +474,14 @@ def pipeline_metrics(table: pd.DataFrame) -> dict[str, float]:
             value = row.get(column)
             if isinstance(value, int | float) and not math.isnan(value):
                 metrics[f"{prefix}/{column}"] = float(value)
-        if row["backend"] == "ort_int8" and isinstance(row.get("quality_delta"), float) \
+        if row["backend"] not in ("eager", "cpu") and isinstance(row.get("quality_delta"), float) \
                 and not math.isnan(row["quality_delta"]):
             model = _metric_key(row["model"])
-            metrics[f"quant/{model}/{row['quality_metric']}_delta"] = row["quality_delta"]
-            metrics[f"quant/{model}/agreement"] = float(row["agreement"])
+            # every runtime x precision's parity; ort_int8's also under the names earlier runs used
+            names = [f"quant/{model}/{row['backend']}"] + ([f"quant/{model}"] if row["backend"] == "ort_int8" else [])
+            for name in names:
+                metrics[f"{name}/{row['quality_metric']}_delta"] = row["quality_delta"]
+                metrics[f"{name}/agreement"] = float(row["agreement"])
     return metrics
 
 

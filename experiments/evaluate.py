@@ -60,7 +60,14 @@ from tqdm import tqdm
 from callbacks.classification_diagnostics import predictions_table
 from callbacks.confusion_matrix import plot_confusion_matrix
 from compression.benchmark import default_threads
-from compression.deploy import PRECISIONS, BundleError, Predictor, load_bundle
+from compression.deploy import (
+    PRECISIONS,
+    RUNTIME_CHOICES,
+    BundleError,
+    Predictor,
+    describe_predictor,
+    load_bundle,
+)
 from compression.export import quiet_onnx_tool_logs
 from datamodules.disc_index import disc_folder_pairs
 from datamodules.dr import GRADING_TASK, DRDataModule
@@ -200,6 +207,8 @@ def run_evaluate(cfg: DictConfig) -> dict[str, float]:
                             'data=eyepacs data.root=<folder>"')
     if cfg.precision not in PRECISIONS:
         raise EvaluateError(f"precision={cfg.precision}: choose one of {PRECISIONS}")
+    if cfg.runtime not in RUNTIME_CHOICES:
+        raise EvaluateError(f"runtime={cfg.runtime}: choose one of {RUNTIME_CHOICES}")
     project_root = Path(cfg.paths.root_dir).resolve()
     tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(project_root)
     # the project's own store keeps artifacts under mlruns/artifacts; a server decides for itself
@@ -238,9 +247,9 @@ def _evaluate_grading(cfg: DictConfig, bundle, found: str, datamodule, store: _S
     unlabelled = unlabelled_images(datamodule.dataset_root, index, datamodule.image_folders)
     name = dataset_name(cfg, datamodule)
     threads = int(cfg.threads) if cfg.threads else default_threads()
-    predictor = Predictor(bundle, str(cfg.precision), threads)
-    log.info("Model: %s\nBundle %s (stage %s), %s ONNX model, %d thread(s); %d labelled image(s) of %s",
-             found, bundle.folder, bundle.stage, predictor.precision, threads, len(index), name)
+    predictor = Predictor(bundle, str(cfg.precision), threads, str(cfg.runtime))
+    log.info("Model: %s\nBundle %s (stage %s), %s, %d thread(s); %d labelled image(s) of %s",
+             found, bundle.folder, bundle.stage, describe_predictor(predictor), threads, len(index), name)
     scored = score_images(predictor, index)
     if scored.predictions.empty:
         raise DataValidationError(f"none of the {len(index)} images of {name} could be scored",
@@ -287,9 +296,9 @@ def _evaluate_masks(cfg: DictConfig, bundle, found: str, datamodule, store: _Sto
     pairs, unpaired = disc_folder_pairs(datamodule.dataset_root)
     name = dataset_name(cfg, datamodule)
     threads = int(cfg.threads) if cfg.threads else default_threads()
-    predictor = Predictor(bundle, str(cfg.precision), threads)
-    log.info("Model: %s\nBundle %s (stage %s), %s ONNX model, %d thread(s); %d image/mask pair(s) of %s",
-             found, bundle.folder, bundle.stage, predictor.precision, threads, len(pairs), name)
+    predictor = Predictor(bundle, str(cfg.precision), threads, str(cfg.runtime))
+    log.info("Model: %s\nBundle %s (stage %s), %s, %d thread(s); %d image/mask pair(s) of %s",
+             found, bundle.folder, bundle.stage, describe_predictor(predictor), threads, len(pairs), name)
     preprocessing = datamodule.pair_cache.preprocessing
     scored = score_pairs(predictor, pairs, preprocessing.mask_threshold, preprocessing.resize_masks,
                          int(cfg.worst_overlays))
@@ -339,7 +348,7 @@ def _write_tables(cfg: DictConfig, bundle, predictor: Predictor, name: str, tabl
                   not_scored: pd.DataFrame) -> tuple[Path, Path]:
     # the model's own hash in the default name: two runs' models evaluated on one set keep their own files
     model_hash = str(bundle.manifest.get("sha256", {}).get(bundle.fp32_path.name, ""))[:8]
-    default_name = f"{bundle.stage}-{predictor.precision}{f'-{model_hash}' if model_hash else ''}.csv"
+    default_name = f"{bundle.stage}-{predictor.precision}-{predictor.runtime}{f'-{model_hash}' if model_hash else ''}.csv"
     output = (Path(str(cfg.output)).expanduser() if cfg.output else
               Path(cfg.paths.output_root).resolve() / "evaluate" / name / default_name)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -351,13 +360,14 @@ def _write_tables(cfg: DictConfig, bundle, predictor: Predictor, name: str, tabl
 
 def _tags(name: str, bundle, predictor: Predictor, fingerprint: str, datamodule) -> dict[str, str]:
     return {"external_dataset": name, "stage": str(bundle.stage), "precision": predictor.precision,
-            "data_fingerprint": fingerprint, "synthetic_data": str(datamodule.is_synthetic).lower(),
+            "runtime": predictor.runtime, "data_fingerprint": fingerprint, "synthetic_data": str(datamodule.is_synthetic).lower(),
             "bundle": str(bundle.folder.resolve()), "task": str(bundle.task)}
 
 
 def _params(cfg: DictConfig, datamodule, predictor: Predictor, threads: int) -> dict[str, str]:
     return {"model": str(cfg.model), "data.format": datamodule.format, "data.root": str(datamodule.dataset_root),
-            "precision": predictor.precision, "threads": str(threads)}
+            "precision": predictor.precision, "runtime": predictor.runtime,
+            "executed_precision": predictor.executed_precision or predictor.precision, "threads": str(threads)}
 
 
 def _log_run(store: _Store, bundle, name: str, metrics: dict[str, float], tables: list[Path],

@@ -45,6 +45,7 @@ import os
 import re
 import shutil
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -64,11 +65,14 @@ from compression.deploy import (
     DEPLOY_FOLDER,
     MANIFEST_FILE,
     PRECISIONS,
+    RUNTIME_CHOICES,
+    RUNTIME_NAMES,
     Bundle,
     BundleError,
     DiscPrediction,
     GradingPrediction,
     Predictor,
+    describe_predictor,
     load_bundle,
     rebundle_command,
     write_atomically,
@@ -438,6 +442,8 @@ def run_predict(cfg: DictConfig) -> int:
                            'runs/<time> input=<folder of photographs>"')
     if cfg.precision not in PRECISIONS:
         raise PredictError(f"precision={cfg.precision}: choose one of {PRECISIONS}")
+    if cfg.runtime not in RUNTIME_CHOICES:
+        raise PredictError(f"runtime={cfg.runtime}: choose one of {RUNTIME_CHOICES}")
     project_root = Path(cfg.paths.root_dir).resolve()
     tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(project_root)
     folder, found = resolve_bundle(str(cfg.model), Path(cfg.paths.cache_dir).resolve(), tracking_uri)
@@ -454,16 +460,17 @@ def run_predict(cfg: DictConfig) -> int:
         raise PredictError(f"{len(existing)} output file(s) already exist ({shown}): nothing was written. "
                            "Pass overwrite=true to replace them, or choose another output=")
     threads = int(cfg.threads) if cfg.threads else default_threads()
-    predictor = Predictor(bundle, str(cfg.precision), threads)
+    predictor = Predictor(bundle, str(cfg.precision), threads, str(cfg.runtime))
     explainer = GradCamWriter(bundle) if gradcam else None
-    log.info("Model: %s\nBundle %s (%s, stage %s), %s ONNX model %s, %d thread(s); %d file(s) from %s",
-             found, bundle.folder, bundle.task, bundle.stage, predictor.precision, predictor.onnx_path.name,
-             threads, len(files), source)
+    log.info("Model: %s\nBundle %s (%s, stage %s), %s, %d thread(s); %d file(s) from %s",
+             found, bundle.folder, bundle.task, bundle.stage, describe_predictor(predictor), threads, len(files),
+             source)
     csv_path = output / DISC_CSV if bundle.task == "disc" else output
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     if gradcam:
         gradcam_folder(bundle.task, output).mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
+    started = time.perf_counter()
     try:
         predict_files(predictor, files, output, names, explainer, rows)
     finally:
@@ -475,8 +482,11 @@ def run_predict(cfg: DictConfig) -> int:
     for row in table[table["status"] != "ok"].itertuples():
         log.warning("%s %s: %s", str(row.status).capitalize(), row.file, row.reason)
     done = int(counts.get("ok", 0))
-    log.info("Predicted %d of %d file(s) (%d skipped, %d failed): %s", done, len(table),
-             counts.get("skipped", 0), counts.get("failed", 0), csv_path)
+    seconds = time.perf_counter() - started
+    # from reading each file to writing its outputs: what a clinic waits for, on this runtime
+    log.info("Predicted %d of %d file(s) (%d skipped, %d failed) in %.1f s, %.1f images/s on %s: %s", done,
+             len(table), counts.get("skipped", 0), counts.get("failed", 0), seconds, len(table) / max(seconds, 1e-9),
+             RUNTIME_NAMES[predictor.runtime], csv_path)
     if done == 0:
         log.error("No file could be predicted: see the reasons in %s", csv_path)
         return 1

@@ -56,6 +56,7 @@ GAIN_METRICS = {"qwk": "test QWK", "acc": "test accuracy", "f1_macro": "test mac
 #: bench backends -> the precision they run at
 BENCH_PRECISION = {"eager": "fp32", "channels_last": "fp32 (channels-last)", "bf16": "bf16",
                    "ort_fp32": "fp32 (ONNX Runtime)", "ort_int8": "int8 (ONNX Runtime)",
+                   "ov_fp32": "fp32 (OpenVINO)", "ov_bf16": "bf16 (OpenVINO)", "ov_int8": "int8 (OpenVINO, NNCF)",
                    "weight_shared": "weight-shared"}
 
 

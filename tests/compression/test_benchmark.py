@@ -16,19 +16,23 @@ from torch import nn
 from compression.benchmark import (
     BACKENDS,
     CPU_FLAGS,
+    INT8_BACKENDS,
     WEIGHT_SHARED,
     add_ratios,
     benchmark_backends,
     check_targets,
     contention_warning,
     cpu_description,
+    fastest_deployed,
     grading_quality,
     markdown_report,
     pareto_front,
     pareto_plot,
     segmentation_quality,
     torch_threads,
+    within_parity,
 )
+from compression.openvino_runtime import cpu_capabilities
 from tests.compression.helpers import tiny_unet
 
 SIZE = 32
@@ -103,7 +107,8 @@ def unet_rows(tmp_path_factory) -> tuple[list[dict], Path]:
     # timed at 64x64, scored at 32x32: one export with symbolic height and width serves both
     rows = benchmark_backends(tiny_unet(), (torch.rand(1, 3, 64, 64),), calibration, workdir, runs=2, warmup=0,
                               threads=1, name="base-4", eval_batches=segmentation_batches(), task="segmentation",
-                              dynamic_spatial=True, exporter="torchscript")
+                              dynamic_spatial=True, exporter="torchscript", single_thread_latency=True,
+                              throughput_batches=(1, 3))
     return rows, workdir
 
 
@@ -114,7 +119,31 @@ def test_every_backend_and_the_weight_shared_file_get_a_row(unet_rows):
     for row in rows:
         if row["backend"] != WEIGHT_SHARED:
             assert row["runs"] == 2 and row["latency_ms_min"] <= row["latency_ms_median"] <= row["latency_ms_max"]
-    assert {p.name for p in workdir.iterdir()} == {"base-4_fp32.onnx", "base-4_int8.onnx", "base-4_shared_k16.rcws"}
+    assert {p.name for p in workdir.iterdir()} == {"base-4_fp32.onnx", "base-4_int8.onnx", "base-4_ov_int8.xml",
+                                                  "base-4_ov_int8.bin", "base-4_shared_k16.rcws"}
+
+
+def test_every_timed_backend_gets_its_single_thread_latency_and_best_throughput(unet_rows):
+    rows, _ = unet_rows
+    for row in rows:
+        if row["backend"] == WEIGHT_SHARED:
+            assert "throughput_images_per_s" not in row
+            continue
+        assert row["latency_ms_1_thread"] > 0 and row["throughput_batch"] in (1.0, 3.0)
+        assert row["throughput_images_per_s"] > 0
+    with pytest.raises(ValueError, match="throughput_batches"):
+        benchmark_backends(tiny_unet(), (torch.rand(1, 3, 32, 32),), [], Path("unused"), throughput_batches=(0,),
+                           backends=("eager",))
+
+
+def test_every_row_names_the_precision_that_really_ran(unet_rows):
+    rows, _ = unet_rows
+    executed = {row["backend"]: row["executed_precision"] for row in rows}
+    assert executed["eager"] == executed["ort_fp32"] == executed["ov_fp32"] == "fp32"
+    assert executed["ort_int8"] == "int8" and executed["bf16"] == "bf16"
+    # read from OpenVINO's compiled graph: every convolution of the NNCF model in int8, bf16 only where the CPU has it
+    assert executed["ov_int8"] == "int8"
+    assert executed["ov_bf16"] == ("bf16" if "BF16" in cpu_capabilities() else "fp32")
 
 
 def test_sizes_are_the_files_written_and_shrink_as_expected(unet_rows):
@@ -129,6 +158,10 @@ def test_sizes_are_the_files_written_and_shrink_as_expected(unet_rows):
     assert first["shared_bytes"] < 0.2 * first["state_dict_bytes"]
     by_backend = {row["backend"]: row for row in rows}
     assert by_backend["ort_int8"]["file_bytes"] == first["onnx_int8_bytes"]
+    ir_bytes = sum((workdir / f"base-4_ov_int8.{suffix}").stat().st_size for suffix in ("xml", "bin"))
+    assert by_backend["ov_int8"]["file_bytes"] == first["ov_int8_bytes"] == ir_bytes
+    # int8 weights in the .bin (the .xml's graph text weighs as much again for a network this small)
+    assert (workdir / "base-4_ov_int8.bin").stat().st_size < 0.5 * first["onnx_fp32_bytes"]
     assert by_backend["eager"]["file_bytes"] == first["state_dict_bytes"]
     assert by_backend["bf16"]["file_bytes"] < 0.6 * first["state_dict_bytes"]  # bf16 weights: half the bytes
     assert first["macs"] > 0 and first["input_shape"] == "1x3x64x64"
@@ -140,16 +173,16 @@ def test_quality_of_each_backend_is_measured_against_eager(unet_rows):
     eager = by_backend["eager"]
     assert eager["quality_metric"] == "dice" and eager["agreement"] == 1.0 and eager["quality_delta"] == 0.0
     # fp32 backends compute the same function: the masks agree (up to a pixel or two at the threshold)
-    for backend in ("channels_last", "ort_fp32"):
+    for backend in ("channels_last", "ort_fp32", "ov_fp32"):
         assert by_backend[backend]["agreement"] > 0.98
         assert by_backend[backend]["quality"] == pytest.approx(eager["quality"], abs=0.02)
-    for backend in ("bf16", "ort_int8", WEIGHT_SHARED):
+    for backend in ("bf16", "ort_int8", "ov_bf16", "ov_int8", WEIGHT_SHARED):
         row = by_backend[backend]
         assert 0.0 <= row["agreement"] <= 1.0
         assert row["quality_delta"] == pytest.approx(row["quality"] - eager["quality"])
 
 
-def test_an_unsupported_layer_fails_only_the_int8_row(tmp_path: Path):
+def test_an_unsupported_layer_fails_only_the_int8_rows(tmp_path: Path):
     torch.manual_seed(0)
     net = TinyGrader(extra=nn.PReLU(16)).eval()  # PReLU has a weight the int8 path cannot quantize
     batches = [((torch.rand(4, 3, 16, 16),), torch.tensor([0, 1, 2, 3]))]
@@ -157,8 +190,9 @@ def test_an_unsupported_layer_fails_only_the_int8_row(tmp_path: Path):
                               warmup=0, threads=1, name="prelu", eval_batches=batches, task="grading",
                               exporter="torchscript")
     errors = {row["backend"]: row["error"] for row in rows}
-    assert "UnsupportedModelError" in errors["ort_int8"] and "PReLU" in errors["ort_int8"]
-    assert all(not error for backend, error in errors.items() if backend != "ort_int8")
+    for backend in INT8_BACKENDS:
+        assert "UnsupportedModelError" in errors[backend] and "PReLU" in errors[backend]
+    assert all(not error for backend, error in errors.items() if backend not in INT8_BACKENDS)
     assert math.isnan(rows[0]["onnx_int8_bytes"]) and rows[0]["quality_metric"] == "qwk"
 
 
@@ -188,21 +222,32 @@ def test_a_busy_cpu_is_warned_about():
 
 # ---------------------------------------------------------------------------------------- the table
 def hand_table() -> pd.DataFrame:
-    """Two disc models and the DR student with round numbers (ms, Dice/QWK, bytes)."""
+    """Two disc models and the DR student with round numbers (ms, Dice/QWK, bytes); ``quality_delta`` against
+    each model's eager row, as the bench computes it."""
     rows = [
         ("disc", "base-64", "eager", 900.0, 0.90, 100e6, 100e6),
         ("disc", "base-64", "bf16", 400.0, 0.90, 50e6, 100e6),
-        ("disc", "base-64", "ort_int8", 250.0, 0.89, 25e6, 100e6),
+        ("disc", "base-64", "ort_int8", 250.0, 0.895, 25e6, 100e6),
+        # the fastest row, but it changes the masks (agreement 0.85): never the deployed row a target is measured on
+        ("disc", "base-64", "ov_int8", 100.0, 0.80, 25e6, 100e6),
         ("disc", "base-64", WEIGHT_SHARED, math.nan, 0.895, 12.5e6, 100e6),
         ("disc", "prune-16", "eager", 60.0, 0.88, 6e6, 6e6),
         ("disc", "prune-16", "ort_int8", 40.0, 0.86, 1.5e6, 6e6),
+        ("disc", "prune-16", "ov_int8", 8.0, 0.87, 1.5e6, 6e6),
         ("dr", "teacher", "eager", 50.0, 0.95, 30e6, 30e6),
         ("dr", "student", "eager", 20.0, 0.93, 16e6, 16e6),
+        ("dr", "student", "ort_fp32", 18.0, 0.93, 16e6, 16e6),
         ("dr", "student", "ort_int8", 5.0, 0.90, 4e6, 16e6),
+        ("dr", "student", "ov_bf16", 6.5, 0.925, 16e6, 16e6),
     ]
     table = pd.DataFrame(rows, columns=["pipeline", "model", "backend", "latency_ms_median", "quality",
                                         "file_bytes", "state_dict_bytes"])
     table["quality_metric"] = table["pipeline"].map({"disc": "dice", "dr": "qwk"})
+    eager = table[table["backend"] == "eager"].set_index("model")["quality"]
+    table["quality_delta"] = table["quality"] - table["model"].map(eager)
+    # masks' Dice / grades' agreement with the model's own eager answers
+    table["agreement"] = 0.99
+    table.loc[table["backend"].eq("ov_int8") & table["model"].eq("base-64"), "agreement"] = 0.85
     return table
 
 
@@ -222,31 +267,36 @@ def test_ratios_divide_by_the_models_own_eager_and_the_pipeline_reference():
 
 
 def test_targets_are_checked_from_the_table():
-    results = {t["key"]: t for t in check_targets(hand_table())}
+    table = hand_table()
+    assert fastest_deployed(table, "disc", "base-64") == (250.0, "ort_int8")  # ov_int8's masks differ
+    results = {t["key"]: t for t in check_targets(table)}
     assert len(results) == 7
-    speedup = results["disc_low_precision_speedup"]
-    assert speedup["measured"] == pytest.approx(900 / 250) and speedup["met"]  # the faster of int8 and bf16
-    assert results["pruned_int8_speedup"]["measured"] == pytest.approx(900 / 40)
-    assert results["pruned_int8_speedup"]["met"]
-    assert results["pruned_int8_dice_loss"]["measured"] == pytest.approx((0.90 - 0.86) / 0.90)
-    assert results["pruned_int8_dice_loss"]["met"]  # 4.4% <= 5%
+    speedup = results["disc_deployed_speedup"]
+    assert speedup["measured"] == pytest.approx(900 / 250) and not speedup["met"] and speedup["backend"] == "ort_int8"
+    pruned = results["pruned_int8_speedup"]
+    assert pruned["measured"] == pytest.approx(900 / 8) and pruned["met"] and pruned["backend"] == "ov_int8"
+    assert results["pruned_int8_dice_loss"]["measured"] == pytest.approx((0.90 - 0.87) / 0.90)
+    assert results["pruned_int8_dice_loss"]["met"]  # 3.3% <= 5%
     assert results["shared_size_reduction"]["measured"] == pytest.approx(8.0) and results["shared_size_reduction"]["met"]
     assert results["shared_dice_loss"]["measured"] == pytest.approx(0.005) and results["shared_dice_loss"]["met"]
-    assert results["student_int8_latency_fraction"]["measured"] == pytest.approx(0.25)
-    assert results["student_int8_latency_fraction"]["met"]
-    qwk = results["student_int8_qwk_loss"]
-    assert qwk["measured"] == pytest.approx(0.03) and not qwk["met"] and "missed by 0.01" in qwk["note"]
+    # ort_int8 is faster but loses 0.03 QWK, beyond the 0.02 parity limit: OpenVINO bf16 is the deployed row
+    assert not within_parity(table[table["backend"].eq("ort_int8") & table["model"].eq("student")].iloc[0])
+    fraction = results["student_deployed_latency_fraction"]
+    assert fraction["backend"] == "ov_bf16" and fraction["measured"] == pytest.approx(6.5 / 18)
+    assert not fraction["met"] and "missed by" in fraction["note"]
+    qwk = results["student_deployed_qwk_loss"]
+    assert qwk["measured"] == pytest.approx(0.005) and qwk["met"] and qwk["backend"] == "ov_bf16"
 
 
 def test_a_target_without_its_rows_is_reported_missed_not_met():
     table = hand_table()
     results = {t["key"]: t for t in check_targets(table[table["model"] != "prune-16"])}
     assert not results["pruned_int8_speedup"]["met"] and "not measured" in results["pruned_int8_speedup"]["note"]
-    # a slower int8 misses by the right amount: 900 / 600 = 1.5x against 3x
-    slow = hand_table()
-    slow.loc[slow["backend"].isin(["ort_int8", "bf16"]) & slow["model"].eq("base-64"), "latency_ms_median"] = 600.0
-    missed = {t["key"]: t for t in check_targets(slow)}["disc_low_precision_speedup"]
-    assert missed["measured"] == pytest.approx(1.5) and not missed["met"] and "missed by 1.5x" in missed["note"]
+    # a faster int8 within parity meets it, by the right margin: 900 / 100 = 9x against 8x
+    fast = hand_table()
+    fast.loc[fast["backend"].eq("ov_int8") & fast["model"].eq("base-64"), "agreement"] = 0.99
+    met = {t["key"]: t for t in check_targets(fast)}["disc_deployed_speedup"]
+    assert met["measured"] == pytest.approx(9.0) and met["met"] and "met with 1x to spare" in met["note"]
 
 
 def test_pareto_front_keeps_only_undominated_points():
@@ -276,7 +326,8 @@ def test_cpu_description_reads_flags_present_and_absent(tmp_path: Path):
     assert description["cpu_model"] == "Fake EPYC 9000"
     assert description["flags_present"] == "avx2 avx512f avx512_vnni"
     assert description["flags_absent"] == "avx512_bf16 amx_tile amx_int8 amx_bf16"
-    assert {"logical_cores", "load_average_1min", "torch_threads", "torch_cpu_capability", "onnxruntime"} <= set(
+    assert {"logical_cores", "load_average_1min", "torch_threads", "torch_cpu_capability", "onnxruntime",
+            "openvino", "openvino_capabilities"} <= set(
         description)
     unknown = cpu_description(tmp_path / "missing")
     assert unknown["flags_present"] == unknown["flags_absent"] == "unknown"

@@ -140,7 +140,8 @@ def test_a_manifest_without_hashes_or_with_a_path_outside_the_folder_is_refused(
     folder = tmp_path / "deploy"
     shutil.copytree(bundle.folder, folder)
     manifest = json.loads((folder / MANIFEST_FILE).read_text())
-    assert set(manifest["sha256"]) == {"model.onnx", "model_int8.onnx", NETWORK_FILE}
+    assert set(manifest["sha256"]) == {"model.onnx", "model_int8.onnx", NETWORK_FILE, "model.xml", "model.bin",
+                                       "model_int8.xml", "model_int8.bin"}
     (folder / MANIFEST_FILE).write_text(json.dumps({k: v for k, v in manifest.items() if k != "sha256"}))
     with pytest.raises(BundleError, match="cannot be verified.*make glaucoma-iterations.*retest=true"):
         load_bundle(folder)
@@ -213,7 +214,7 @@ def test_a_network_that_cannot_be_described_is_bundled_without_the_file(tmp_path
                               grading_spec(GRADING_PREPROCESSING, None), {}, exporter="torchscript")
     assert bundle.network_path is None and not list(tmp_path.glob("network.*"))
     assert "never pickled" in caplog.text and "cannot describe a TopoFusionNet" in caplog.text
-    assert set(bundle.manifest["sha256"]) == {"model.onnx"}
+    assert set(bundle.manifest["sha256"]) == {"model.onnx", "model.xml", "model.bin"}  # the ONNX model and its IR
     with pytest.raises(BundleError, match="run without gradcam=true"):
         bundle.load_network()
 

@@ -74,7 +74,9 @@ def test_bundle_round_trip_fp32_equals_torch_and_int8_stays_close(grading):
     manifest = json.loads((bundle.folder / "bundle.json").read_text())
     assert manifest["format"] == 2 and loaded.task == "grading" and loaded.stage == "student"
     assert loaded.input_names == ("image", "topo") and loaded.class_names == ["0", "1", "2", "3", "4"]
-    assert manifest["files"] == {"fp32": "model.onnx", "int8": "model_int8.onnx", "network": "network.safetensors"}
+    assert manifest["files"] == {"fp32": "model.onnx", "int8": "model_int8.onnx", "network": "network.safetensors",
+                                 "openvino_fp32": "model.xml", "openvino_fp32_weights": "model.bin",
+                                 "openvino_int8": "model_int8.xml", "openvino_int8_weights": "model_int8.bin"}
     assert set(manifest["sha256"]) == set(manifest["files"].values())
     assert manifest["int8"]["calibration_images"] == 4 and manifest["int8"]["parity"]["images"] == 4.0
     assert manifest["preprocessing"]["imager"]["scale"] == imager.state_dict()["scale"]
@@ -181,7 +183,7 @@ def test_the_predictor_grades_as_the_network_does_on_the_evaluation_inputs(gradi
     assert predicted.grade == int(np.argmax(expected))
     assert predicted.latency_ms >= predicted.model_ms > 0
     int8 = Predictor(bundle)
-    assert int8.precision == "int8" and int8.onnx_path.name == "model_int8.onnx"
+    assert int8.precision == "int8" and int8.model_path.name == "model_int8.onnx"
     assert abs(int8.predict_file(photo).probabilities.sum() - 1.0) < 1e-6
 
 

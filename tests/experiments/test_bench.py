@@ -26,7 +26,7 @@ DISC_MODELS = ["base-8", "prune-4"]
 FAST = ["debug=tiny", "bench.threads=1", "bench.runs=2", "bench.warmup=0", "bench.pipeline_runs=1",
         "bench.exporter=torchscript", "bench.disc_image_size=32", "bench.calibration_images=8",
         "model.teacher.backbone=test_efficientnet", "model.student.backbone=test_efficientnet",
-        "bench.targets.disc_reference=base-8", "bench.targets.disc_pruned=prune-4"]
+        "bench.targets.disc_reference=base-8", "bench.targets.disc_pruned=prune-4", "bench.throughput_batches=[1,2]"]
 
 
 @pytest.fixture
@@ -87,7 +87,12 @@ def test_bench_measures_every_model_on_every_backend_and_logs_to_both_pipelines(
     assert disc.loc[disc["backend"] == "eager", "model"].tolist() == DISC_MODELS
     reference = disc[(disc["model"] == "base-8") & (disc["backend"] == "eager")]
     assert reference["latency_vs_reference"].item() == 1.0 and reference["input_shape"].item() == "1x3x32x32"
-    assert table["quality"].notna().sum() == 4 * 6  # every model x backend row but the clinic rows
+    assert table["quality"].notna().sum() == 4 * (len(BACKENDS) + 1)  # every model x backend row, no clinic row
+    # each row names what really ran; the OpenVINO int8 rows read it from their compiled graphs
+    ran = saved.set_index(["model", "backend"])["executed_precision"]
+    assert ran[("prune-4", "ov_int8")] == "int8" and ran[("prune-4", "ov_fp32")] == "fp32"
+    networks = saved["backend"].isin(BACKENDS) & ~saved["model"].str.startswith("full pipeline")
+    assert (saved.loc[networks, "throughput_images_per_s"] > 0).all()
 
     markdown = (bench_dir / "bench.md").read_text()
     assert "## Targets" in markdown and "base-8" in markdown and "benchmark threads" in markdown
@@ -103,7 +108,8 @@ def test_bench_measures_every_model_on_every_backend_and_logs_to_both_pipelines(
     (child,) = runs_by_name(client, "glaucoma-iterations")["bench"]
     assert child.data.tags["mlflow.parentRunId"] == chain_parent and child.info.status == "FINISHED"
     for name in ["bench/base-8/ort_int8/latency_ms_median", "bench/prune-4/bf16/latency_vs_fp32",
-                 "quant/base-8/dice_delta", "quant/prune-4/agreement"]:
+                 "quant/base-8/dice_delta", "quant/prune-4/agreement", "bench/base-8/ov_int8/latency_ms_median",
+                 "quant/prune-4/ov_int8/dice_delta", "quant/prune-4/ov_bf16/agreement"]:
         assert name in child.data.metrics, name
     assert not any(name.startswith("bench/student") for name in child.data.metrics)  # only its pipeline's rows
 
@@ -189,3 +195,7 @@ def test_disc_models_are_scored_at_the_photographs_size_and_a_bundle_is_timed_as
     assert eager["quality"] == eager["dice"] and 0 <= eager["dice"] <= 1
     clinic = rows.loc[("full pipeline (base-8, two passes)", "ort_fp32")]
     assert clinic["latency_ms_median"] > 0 and clinic["quality_metric"] == "dice" and 0 <= clinic["quality"] <= 1
+    # the same path on OpenVINO, from the bundle's IR: the same masks up to pixels at the threshold
+    on_openvino = rows.loc[("full pipeline (base-8, two passes)", "ov_fp32")]
+    assert on_openvino["executed_precision"] == "fp32" and on_openvino["latency_ms_median"] > 0
+    assert on_openvino["quality"] == pytest.approx(clinic["quality"], abs=0.02)

@@ -13,7 +13,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from sklearn.metrics import accuracy_score, cohen_kappa_score
 
-from compression.deploy import Predictor
+from compression.deploy import Predictor, load_bundle
 from experiments.evaluate import exit_status, grading_metrics, run_evaluate
 from experiments.report_data import dr_table, select_runs
 from experiments.report_render import pareto_points
@@ -58,7 +58,10 @@ def test_a_bundle_is_scored_on_every_image_and_what_is_not_scored_is_counted(pro
     assert metrics["test/acc_ci_low"] <= metrics["test/acc"] <= metrics["test/acc_ci_high"]
     (written,) = (path for path in (project / "outputs" / "evaluate" / "clinic-a").glob("student-fp32-*.csv")
                   if not path.stem.endswith("_not_scored"))
-    assert len(written.stem.removeprefix("student-fp32-")) == 8  # the model's hash: runs do not overwrite
+    # the runtime it ran on (the bundle's faster one for fp32) and the model's hash: runs do not overwrite
+    runtime, model_hash = written.stem.removeprefix("student-fp32-").split("-")
+    # (an int8 run of a bundle without int8 runs fp32, on fp32's faster runtime)
+    assert runtime == load_bundle(grading_bundle).default_runtime("fp32") and len(model_hash) == 8
     predictions = pd.read_csv(written)
     assert list(predictions.columns) == ["image", "label", "prediction", *(f"prob_{k}" for k in range(5))]
     assert len(predictions) == 38 and "img005" not in set(predictions["image"])
@@ -67,6 +70,7 @@ def test_a_bundle_is_scored_on_every_image_and_what_is_not_scored_is_counted(pro
     client = mlflow_store(project)
     (run,) = runs_by_name(client, "evaluate")["external-clinic-a"]
     assert run.info.status == "FINISHED" and run.data.tags["external_dataset"] == "clinic-a"
+    assert run.data.tags["runtime"] == run.data.params["runtime"] == runtime
     assert run.data.metrics["test/qwk"] == pytest.approx(metrics["test/qwk"])
     assert len(run.data.tags["data_fingerprint"]) == 16
     artifacts = {a.path for folder in ("plots", "predictions") for a in client.list_artifacts(run.info.run_id, folder)}
