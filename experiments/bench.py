@@ -57,6 +57,7 @@ from compression.benchmark import (
 )
 from compression.deploy import PRECISIONS, BundleError, Predictor, load_bundle
 from compression.export import as_ort_array, network_input_names, ort_session, quiet_onnx_tool_logs
+from compression.openvino_runtime import OpenVINOSession
 from compression.packed_format import vgg_unet_architecture
 from compression.runtimes import OPENVINO, ORT, RUNTIMES
 from datamodules.dr import DRDataModule
@@ -396,7 +397,8 @@ def _clinic_dice(predictor: Predictor, paths: list[str], sources: list[SourceMas
 
 def _dr_clinic_rows(cfg: DictConfig, pipeline: Pipeline, workdir: Path, threads: int) -> list[dict[str, Any]]:
     """The topological features alone and the clinic's whole path for one image file (decode, preprocess,
-    topology, student), with the student in fp32 eager and, where it was quantized, ONNX Runtime int8."""
+    topology, student), with the student in fp32 eager and, where it was quantized, ONNX Runtime and OpenVINO
+    int8."""
     student = next((m for m in pipeline.models if m.name == "student"), None)
     if student is None:
         return []
@@ -421,11 +423,14 @@ def _dr_clinic_rows(cfg: DictConfig, pipeline: Pipeline, workdir: Path, threads:
             add(f"topological features ({datamodule.topology.resolution} px homology)", "cpu",
                 lambda: datamodule.imager.transform([image_diagrams(preprocessed, datamodule.topology)]))
         add("full pipeline (student)", "eager", lambda: student.net(*clinic_inputs()))
-        int8 = artifact_paths(workdir, student.name)["onnx_int8"]
-        if int8.is_file():
-            session = ort_session(int8, threads)
+        files = artifact_paths(workdir, student.name)
+        if files["onnx_int8"].is_file():
+            session = ort_session(files["onnx_int8"], threads)
             add("full pipeline (student)", "ort_int8", lambda: session.run(None, {
                 name: as_ort_array(value) for name, value in zip(student.input_names, clinic_inputs(), strict=True)}))
+        if files["ov_int8"].is_file():
+            openvino = OpenVINOSession.open(files["ov_int8"], "fp32", threads)
+            add("full pipeline (student)", "ov_int8", lambda: openvino.run(clinic_inputs()))
     return rows
 
 

@@ -78,7 +78,8 @@ def test_bench_measures_every_model_on_every_backend_and_logs_to_both_pipelines(
     for model in [*DISC_MODELS, "teacher", "student"]:
         for backend in [*BACKENDS, WEIGHT_SHARED]:
             assert (model, backend) in pairs, f"no row for {model} / {backend}"
-    assert {"full pipeline (student)"} == {m for m, b in pairs if b == "ort_int8" and m.startswith("full")}
+    for runtime in ("ort", "ov"):
+        assert {"full pipeline (student)"} == {m for m, b in pairs if b == f"{runtime}_int8" and m.startswith("full")}
     assert any(m.startswith("topological features") for m, _ in pairs)
     assert saved["error"].isna().all(), saved["error"].dropna().tolist()
     # the chain's models are the trained ones of the run directory; the DR ones are said to be untrained
