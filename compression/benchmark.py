@@ -58,9 +58,7 @@ from compression.openvino_runtime import (
     cpu_capabilities,
     openvino_version,
     quantize_openvino,
-    save_ir,
 )
-from compression.openvino_runtime import read_model as read_openvino_model
 from compression.packed_format import save_shared
 from compression.quantization import (
     DEFAULT_CALIBRATION_IMAGES,
@@ -452,8 +450,7 @@ def benchmark_backends(
                 written["onnx_int8"] = quantize_onnx_static(export(), paths["onnx_int8"], feeds)
             return _ort_runner(written["onnx_int8"], input_names, threads)
         if "ov_int8" not in written:
-            written["ov_int8"], _ = save_ir(quantize_openvino(read_openvino_model(export()), feeds),
-                                            paths["ov_int8"])
+            written["ov_int8"], _ = quantize_openvino(export(), feeds, paths["ov_int8"])
         session = OpenVINOSession.open(written["ov_int8"], "fp32", threads)
         executed[backend] = session.executed
         return _openvino_runner(session, _ir_bytes(written["ov_int8"]))

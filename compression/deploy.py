@@ -463,12 +463,11 @@ def _openvino_models(network: nn.Module, folder: Path, fp32_path: Path, qat_int8
         return entry, files
     try:
         if qat_int8 is not None:
-            model = read_openvino_model(qat_int8)
+            xml, weights = save_ir(read_openvino_model(qat_int8), folder / OPENVINO_INT8_FILE)
             int8: dict[str, Any] = {"source": "quantization-aware training (its int8 ONNX file)"}
         else:
-            model = quantize_openvino(read_openvino_model(fp32_path), feeds)
+            xml, weights = quantize_openvino(fp32_path, feeds, folder / OPENVINO_INT8_FILE)
             int8 = {"source": "NNCF post-training quantization", "calibration_images": len(feeds)}
-        xml, weights = save_ir(model, folder / OPENVINO_INT8_FILE)
         int8["executed_precision"] = open_runner(xml, OPENVINO, threads)[1]
         if feeds:
             int8["parity"] = _feeds_parity(network, xml, feeds, input_names, threshold, threads)

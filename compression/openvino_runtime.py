@@ -12,13 +12,16 @@ differently from ONNX Runtime, each handled here rather than left to the caller:
 * ``ov.save_model`` compresses weights to fp16 unless told not to: :func:`save_ir` keeps them fp32, so the IR
   is the same network as the ONNX file;
 * its int8 comes from NNCF (:func:`quantize_openvino`), the maintained quantizer that targets it, calibrated on
-  the same images as ONNX Runtime's static int8.
+  the same images as ONNX Runtime's static int8, in a process of its own (``compression.nncf_quantize``).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
+import tempfile
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -30,6 +33,7 @@ import openvino as ov
 from torch import Tensor
 
 from compression.export import as_ort_array
+from compression.nncf_quantize import write_feeds
 
 log = logging.getLogger(__name__)
 
@@ -81,19 +85,30 @@ def save_ir(model: ov.Model, xml_path: str | os.PathLike) -> tuple[Path, Path]:
     return xml_path, xml_path.with_suffix(".bin")
 
 
-def quantize_openvino(model: ov.Model, feeds: Sequence[Mapping[str, np.ndarray]]) -> ov.Model:
-    """NNCF's post-training int8 of an OpenVINO model: activation ranges from ``feeds`` (one dict of named
-    batch-1 inputs per calibration image, ``compression.quantization.calibration_feeds``), per-channel
-    symmetric weights, its default fast bias correction.
+def quantize_openvino(onnx_path: str | os.PathLike, feeds: Sequence[Mapping[str, np.ndarray]],
+                      xml_path: str | os.PathLike) -> tuple[Path, Path]:
+    """NNCF's post-training int8 of an ONNX model, written as OpenVINO IR to ``xml_path`` (and its ``.bin``):
+    activation ranges from ``feeds`` (one dict of named batch-1 inputs per calibration image,
+    ``compression.quantization.calibration_feeds``), per-channel symmetric weights, NNCF's default fast bias
+    correction. NNCF runs in a process of its own (``compression.nncf_quantize`` says why). Returns (xml, bin).
 
     Raises:
         ValueError: no calibration images.
+        RuntimeError: NNCF failed (its last error lines in the message).
     """
     if not feeds:
         raise ValueError("NNCF int8 needs calibration images: the calibration feeds are empty")
-    import nncf  # imported here: it loads torch backends and logs on import; only quantization needs it
-
-    return nncf.quantize(model, nncf.Dataset(list(feeds)), subset_size=len(feeds))
+    xml_path = Path(xml_path)
+    xml_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as scratch:
+        feeds_path = Path(scratch) / "feeds.npz"
+        write_feeds([dict(feed) for feed in feeds], feeds_path)
+        done = subprocess.run([sys.executable, "-m", "compression.nncf_quantize", str(onnx_path), str(feeds_path),
+                               str(xml_path)], capture_output=True, text=True, check=False)
+    if done.returncode != 0 or not xml_path.is_file():
+        tail = " ".join(done.stderr.strip().splitlines()[-3:])[-500:]
+        raise RuntimeError(f"NNCF could not quantize {str(onnx_path)!r} (exit {done.returncode}): {tail}")
+    return xml_path, xml_path.with_suffix(".bin")
 
 
 def compile_model(model: ov.Model | str | os.PathLike, precision: str = "fp32", threads: int = 1,

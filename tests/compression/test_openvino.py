@@ -12,6 +12,7 @@ import torch
 
 from compression.deploy import BundleError, Predictor, load_bundle, write_bundle
 from compression.export import export_onnx, ort_session, run_session
+from compression.nncf_quantize import read_feeds, write_feeds
 from compression.openvino_runtime import (
     OpenVINOModelError,
     OpenVINOSession,
@@ -72,7 +73,7 @@ def test_bf16_is_asked_for_explicitly_and_named_as_it_ran(exported):
 def test_nncf_int8_of_a_tiny_network_follows_fp32(exported, tmp_path: Path):
     net, path = exported
     feeds = calibration_feeds([torch.rand(8, 3, 32, 32)], ("image",), 8)
-    xml, weights = save_ir(quantize_openvino(read_model(path), feeds), tmp_path / "int8.xml")
+    xml, weights = quantize_openvino(path, feeds, tmp_path / "int8.xml")
     session = OpenVINOSession.open(xml, "fp32", threads=1)
     assert session.executed == "int8"  # every convolution really runs int8 kernels
     assert weights.stat().st_size < 0.5 * path.stat().st_size  # int8 weights in the .bin
@@ -82,7 +83,9 @@ def test_nncf_int8_of_a_tiny_network_follows_fp32(exported, tmp_path: Path):
     # not a copy of fp32: the int8 arithmetic moves the logits
     assert np.abs(quantized - expected).max() > 1e-4
     with pytest.raises(ValueError, match="calibration feeds are empty"):
-        quantize_openvino(read_model(path), [])
+        quantize_openvino(path, [], tmp_path / "none.xml")
+    with pytest.raises(RuntimeError, match="NNCF could not quantize"):
+        quantize_openvino(tmp_path / "missing.onnx", feeds, tmp_path / "none.xml")
 
 
 def test_unreadable_files_and_bad_settings_are_named(exported, tmp_path: Path):
@@ -184,3 +187,15 @@ def test_a_changed_ir_weights_file_is_refused(disc, tmp_path: Path):
     (copy / "model.bin").write_bytes(bytes(weights))
     with pytest.raises(BundleError, match="model.bin does not match its SHA-256"):
         load_bundle(copy)
+
+
+def test_calibration_feeds_reach_the_quantizer_process_as_they_were(tmp_path: Path):
+    feeds = [{"image": np.full((1, 3, 4, 4), float(i), np.float32), "topo": np.arange(3, dtype=np.float32) + i}
+             for i in range(12)]  # more than 10 images: the order must not be the file names' text order
+    write_feeds(feeds, tmp_path / "feeds.npz")
+    read = read_feeds(tmp_path / "feeds.npz")
+    assert len(read) == 12
+    for expected, got in zip(feeds, read, strict=True):
+        assert expected.keys() == got.keys()
+        for name in expected:
+            np.testing.assert_array_equal(expected[name], got[name])
