@@ -630,7 +630,8 @@ def fastest_deployed(table: pd.DataFrame, pipeline: str, model: str,
     best = (math.nan, "")
     for row in rows.to_dict("records"):
         latency = float(row.get("latency_ms_median", math.nan))
-        if row.get("error") or math.isnan(latency) or not within_parity(row):
+        failed = isinstance(row.get("error"), str) and bool(row["error"])  # a table read back has NaN, not ""
+        if failed or math.isnan(latency) or not within_parity(row):
             continue
         if math.isnan(best[0]) or latency < best[0]:
             best = (latency, str(row["backend"]))

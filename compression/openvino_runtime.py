@@ -17,6 +17,7 @@ differently from ONNX Runtime, each handled here rather than left to the caller:
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import subprocess
@@ -50,6 +51,15 @@ class OpenVINOModelError(ValueError):
     """A model file OpenVINO cannot read or compile (missing, truncated, or an unsupported operation)."""
 
 
+@functools.lru_cache(maxsize=1)
+def openvino_core() -> ov.Core:
+    """The process's one OpenVINO ``Core``, as OpenVINO advises: every ``Core`` starts thread pools of its own,
+    and a test process that had made a Core per call (dozens) was measured to crash with SIGSEGV in its next
+    fork of DataLoader workers; with one Core the same sequence runs cleanly. It holds no settings of ours:
+    each compiled model gets its own configuration (:func:`compile_model`)."""
+    return ov.Core()
+
+
 def openvino_version() -> str:
     """The installed OpenVINO's version, e.g. ``2026.4.1-22982-...``."""
     return ov.__version__
@@ -57,7 +67,7 @@ def openvino_version() -> str:
 
 def cpu_capabilities() -> list[str]:
     """What OpenVINO's CPU plugin can run on this CPU, e.g. ``['BF16', 'FP32', 'INT8', ...]``."""
-    return [str(capability) for capability in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")]
+    return [str(capability) for capability in openvino_core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")]
 
 
 def read_model(path: str | os.PathLike) -> ov.Model:
@@ -70,7 +80,7 @@ def read_model(path: str | os.PathLike) -> ov.Model:
     if not path.is_file():
         raise OpenVINOModelError(f"model file {str(path)!r} does not exist")
     try:
-        return ov.Core().read_model(str(path))
+        return openvino_core().read_model(str(path))
     except Exception as error:  # OpenVINO raises RuntimeError / its own types for unreadable files
         raise OpenVINOModelError(f"OpenVINO cannot read {str(path)!r} ({type(error).__name__}: "
                                  f"{' '.join(str(error).split())[:300]})") from error
@@ -131,7 +141,7 @@ def compile_model(model: ov.Model | str | os.PathLike, precision: str = "fp32", 
     config = {"INFERENCE_PRECISION_HINT": _PRECISION_HINTS[precision], "INFERENCE_NUM_THREADS": int(threads),
               "PERFORMANCE_HINT": "THROUGHPUT" if throughput else "LATENCY"}
     try:
-        return ov.Core().compile_model(model, "CPU", config)
+        return openvino_core().compile_model(model, "CPU", config)
     except Exception as error:
         raise OpenVINOModelError(f"OpenVINO cannot compile {model.friendly_name!r} for the CPU "
                                  f"({type(error).__name__}: {' '.join(str(error).split())[:300]})") from error
