@@ -4,6 +4,7 @@ bundle records and a predictor reads."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -146,10 +147,7 @@ def test_the_predictor_runs_the_runtime_asked_for_or_the_recorded_one(disc, tmp_
 
 def test_the_recorded_runtime_is_read_from_bundle_json(disc, tmp_path: Path):
     bundle, _ = disc
-    copy = tmp_path / "copy"
-    copy.mkdir()
-    for file in bundle.folder.iterdir():
-        (copy / file.name).write_bytes(file.read_bytes())
+    copy = Path(shutil.copytree(bundle.folder, tmp_path / "copy"))
     for chosen in (ORT, OPENVINO):
         manifest = json.loads((copy / "bundle.json").read_text())
         manifest["runtime"]["default"]["int8"] = chosen
@@ -178,10 +176,7 @@ def test_a_bundle_without_openvino_says_to_use_onnx_runtime(disc, tmp_path: Path
 
 def test_a_changed_ir_weights_file_is_refused(disc, tmp_path: Path):
     bundle, _ = disc
-    copy = tmp_path / "tampered"
-    copy.mkdir()
-    for file in bundle.folder.iterdir():
-        (copy / file.name).write_bytes(file.read_bytes())
+    copy = Path(shutil.copytree(bundle.folder, tmp_path / "tampered"))
     weights = bytearray((copy / "model.bin").read_bytes())
     weights[len(weights) // 2] ^= 0xFF
     (copy / "model.bin").write_bytes(bytes(weights))
