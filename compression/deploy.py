@@ -167,11 +167,7 @@ class Bundle:
 
     def onnx_path(self, precision: str = "int8") -> tuple[Path, str]:
         """(ONNX file, its precision): ``int8`` gives the int8 model when the bundle has one, else fp32."""
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision={precision!r}: choose one of {PRECISIONS}")
-        if precision == "int8" and self.int8_path is not None:
-            return self.int8_path, "int8"
-        return self.fp32_path, "fp32"
+        return _choose_precision(self.fp32_path, self.int8_path, precision)
 
     def model_path(self, runtime: str = ORT, precision: str = "int8") -> tuple[Path, str]:
         """(model file, its precision) for ``runtime``: the ONNX files for ONNX Runtime, the IR for OpenVINO;
@@ -185,16 +181,12 @@ class Bundle:
             raise ValueError(f"runtime={runtime!r}: choose one of {RUNTIMES}")
         if runtime == ORT:
             return self.onnx_path(precision)
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision={precision!r}: choose one of {PRECISIONS}")
-        fp32, int8 = self._file("openvino_fp32"), self._file("openvino_int8")
+        fp32 = self._file("openvino_fp32")
         if fp32 is None:
             reason = (self.manifest.get("openvino") or {}).get("error", "it was written without one")
             raise BundleError(f"bundle {str(self.folder)!r} has no OpenVINO model ({reason}): run it with "
                               f"runtime=ort, or {rebundle_advice(self.folder, self.task)}")
-        if precision == "int8" and int8 is not None:
-            return int8, "int8"
-        return fp32, "fp32"
+        return _choose_precision(fp32, self._file("openvino_int8"), precision)
 
     def default_runtime(self, precision: str = "int8") -> str:
         """The runtime bundle.json measured faster for ``precision`` on the CPU that wrote it; for int8 asked of
@@ -211,6 +203,15 @@ class Bundle:
             raise BundleError(f"bundle {self.folder} has no {NETWORK_FILE} (the network could not be described "
                               "when it was written): GradCAM needs it; run without gradcam=true")
         return read_network_file(self.network_path, self.task)
+
+
+def _choose_precision(fp32: Path, int8: Path | None, precision: str) -> tuple[Path, str]:
+    """(model file, its precision) of one runtime's pair: the int8 file for ``int8`` when there is one."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r}: choose one of {PRECISIONS}")
+    if precision == "int8" and int8 is not None:
+        return int8, "int8"
+    return fp32, "fp32"
 
 
 def write_bundle(
